@@ -1,0 +1,20 @@
+"""hf_weyl: AdamW² ("Taming Transformer Without Using Learning Rate Warmup", ICLR 2025) for the HF stack.
+
+``import hf_weyl`` registers ``optim="adamw_weyl"`` with ``transformers.Trainer``.
+"""
+
+from .optimizer import AdamWeyl, CapStats
+from .trainer_integration import OPTIM_NAME, optimizer_kwargs_from_optim_args, register_with_transformers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OPTIM_NAME",
+    "AdamWeyl",
+    "CapStats",
+    "__version__",
+    "optimizer_kwargs_from_optim_args",
+    "register_with_transformers",
+]
+
+register_with_transformers()

@@ -1,0 +1,139 @@
+"""AdamW² (Algorithm 1 of Qi et al., ICLR 2025) as functions over lists of tensors.
+
+Per tensor W with AdamW direction U_t and scheduled learning rate α_t:
+
+    σ_W = σ1(W_{t-1}),  σ_U = σ1(U_t)                      (warm-started power iteration)
+    α'  = τ σ_W / σ_U   if α_t σ_U > τ σ_W and σ_W > 0,   else α_t
+    W_t = W_{t-1} − α' U_t − α' λ W_{t-1}
+
+By Weyl's inequality σ1(W_t) ≤ (1 + α'λ) σ1(W_{t-1}) + α' σ_U, so without weight decay every
+step satisfies σ1(W_t − W_{t−1}) ≤ τ σ1(W_{t−1}) (up to the power-iteration error).
+
+The denominator follows ``torch.optim.AdamW``: U = m̂ / (sqrt(v̂) + ε). With a τ that never binds,
+these functions reproduce AdamW to float rounding. The steps are split in phases so that the
+DeepSpeed ZeRO form (which computes σ across ranks) composes the same pieces.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .power_iteration import as_matrix, power_iteration_
+
+__all__ = [
+    "adam_direction",
+    "adam_moments_",
+    "adamweyl_step",
+    "apply_capped_update_",
+    "cap_ratio",
+]
+
+
+def adam_moments_(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+) -> tuple[list[float], list[float]]:
+    """Advance step counters and moments in place; return bias corrections (1−β1^t, 1−β2^t)."""
+    if steps[0].is_cpu:
+        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    else:
+        torch._foreach_add_(steps, 1)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    ts = [float(s) for s in steps]  # step counters live on the CPU (as in torch): no device sync
+    return [1 - beta1**t for t in ts], [1 - beta2**t for t in ts]
+
+
+def adam_direction(
+    exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], bias_corrections2: list[float], *, eps: float
+) -> list[Tensor]:
+    """U' = m / (sqrt(v / (1−β2^t)) + ε): the AdamW direction *before* division by (1−β1^t).
+
+    One work buffer per tensor (the same one AdamW allocates for its denominator).
+    """
+    direction = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(direction, [bc**0.5 for bc in bias_corrections2])
+    torch._foreach_add_(direction, eps)
+    torch._foreach_reciprocal_(direction)
+    torch._foreach_mul_(direction, exp_avgs)
+    return direction
+
+
+def cap_ratio(sigma_weight: Tensor, sigma_update: Tensor, capped: Tensor, *, lr: float, tau: float) -> Tensor:
+    """Effective / scheduled lr per tensor: τσ_W/(α σ_U) where the cap binds, else 1.
+
+    A tensor with σ_W = 0 (e.g. a zero-initialised bias) has no scale to be relative to and is
+    never capped, so it can leave zero. ``capped`` masks the tensors AdamW² applies to.
+    """
+    limit = tau * sigma_weight
+    proposed = lr * sigma_update
+    binds = capped & (sigma_weight > 0) & (proposed > limit)
+    return torch.where(binds, limit / proposed.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(limit))
+
+
+def apply_capped_update_(
+    params: list[Tensor],
+    directions: list[Tensor],
+    ratio: Tensor,
+    bias_corrections1: list[float],
+    *,
+    lr: float,
+    weight_decay: float,
+) -> None:
+    """W ← W(1 − α'λ) − (α'/(1−β1^t)) U' with α' = lr · ratio, per tensor, no host sync."""
+    eff_lr = ratio * lr
+    if weight_decay != 0:
+        torch._foreach_mul_(params, list((1 - eff_lr * weight_decay).unbind(0)))
+    bc1 = torch.tensor(bias_corrections1, dtype=torch.float32).to(ratio.device, non_blocking=True)
+    torch._foreach_addcmul_(params, directions, list((-eff_lr / bc1).unbind(0)))
+
+
+def adamweyl_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    weight_vectors: list[Tensor | None],
+    update_vectors: list[Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    tau: float,
+    power_iters: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One AdamW² step over tensors on one device. Tensors whose vectors are None are not capped.
+
+    Returns (lr ratio, σ_W, σ_U) per tensor as fp32 tensors on the device (σ = 0 where not capped).
+    """
+    device = params[0].device
+    bc1, bc2 = adam_moments_(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2)
+    directions = adam_direction(exp_avgs, exp_avg_sqs, bc2, eps=eps)
+
+    n = len(params)
+    sigma_w = torch.zeros(n, dtype=torch.float32, device=device)
+    sigma_u = torch.zeros(n, dtype=torch.float32, device=device)
+    idx = [i for i, v in enumerate(weight_vectors) if v is not None]
+    if idx:
+        sw = power_iteration_([as_matrix(params[i]) for i in idx], [weight_vectors[i] for i in idx], power_iters)
+        su = power_iteration_([as_matrix(directions[i]) for i in idx], [update_vectors[i] for i in idx], power_iters)
+        index = torch.tensor(idx, device=device)
+        sigma_w.index_copy_(0, index, sw)
+        # σ1(U) = σ1(U') / (1 − β1^t)
+        sigma_u.index_copy_(0, index, su / torch.tensor([bc1[i] for i in idx], device=device))
+    capped = torch.zeros(n, dtype=torch.bool, device=device)
+    if idx:
+        capped[idx] = True
+    ratio = cap_ratio(sigma_w, sigma_u, capped, lr=lr, tau=tau)
+    apply_capped_update_(params, directions, ratio, bc1, lr=lr, weight_decay=weight_decay)
+    return ratio, sigma_w, sigma_u

@@ -1,0 +1,251 @@
+"""``AdamWeyl``: AdamW with the AdamW² per-tensor learning-rate cap (see ``hf_weyl.functional``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .functional import adamweyl_step
+from .power_iteration import initial_vector, vector_length
+
+__all__ = ["AdamWeyl", "CapStats", "DEFAULT_COLD_START_ITERS"]
+
+#: Power-iteration steps on a tensor's first optimizer step (its vectors start cold).
+DEFAULT_COLD_START_ITERS = 4
+
+#: Optimizer-state keys of the power-iteration vectors (fp32, kept between steps).
+WEIGHT_VECTOR = "weight_vector"
+UPDATE_VECTOR = "update_vector"
+
+
+@dataclass
+class CapStats:
+    """What the cap did in the last ``step()``, as device tensors (reading them syncs, building them doesn't).
+
+    ``lr_ratio[i]`` is effective / scheduled lr of ``params[i]`` (1.0 = not capped);
+    ``sigma_weight``/``sigma_update`` are the σ1 estimates (0 where the tensor is not capped).
+    """
+
+    params: list[Tensor]
+    lr_ratio: Tensor
+    sigma_weight: Tensor
+    sigma_update: Tensor
+    capped: Tensor  # bool: the tensors AdamW² applies to (≥2-D, or 1-D with cap_vectors)
+
+    @property
+    def num_capped(self) -> int:
+        """Tensors whose lr the cap reduced this step (syncs)."""
+        return int((self.lr_ratio < 1).sum())
+
+    @property
+    def capped_fraction(self) -> float:
+        """Fraction of the capped-eligible tensors whose lr was reduced (syncs)."""
+        eligible = int(self.capped.sum())
+        return self.num_capped / eligible if eligible else 0.0
+
+    def named_lr_ratio(self, names: dict[Tensor, str] | Any) -> dict[str, float]:
+        """``{name: ratio}`` given a model (its ``named_parameters``) or a {param: name} mapping (syncs)."""
+        if hasattr(names, "named_parameters"):
+            names = {p: n for n, p in names.named_parameters()}
+        by_id = {id(p): n for p, n in names.items()}
+        values = self.lr_ratio.tolist()
+        return {by_id.get(id(p), f"param_{i}"): v for i, (p, v) in enumerate(zip(self.params, values))}
+
+
+def _check_range(name: str, value: Any, ok: bool, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"AdamWeyl: invalid {name}={value!r}; {name} must be {valid}")
+
+
+def _validate_group(g: dict[str, Any]) -> None:
+    lr = g["lr"]
+    lr_value = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+    _check_range("lr", lr, isinstance(lr_value, (int, float)) and lr_value >= 0, "a number >= 0")
+    betas = g["betas"]
+    _check_range(
+        "betas",
+        betas,
+        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
+        "a pair (beta1, beta2) with each value in [0, 1)",
+    )
+    _check_range("eps", g["eps"], isinstance(g["eps"], (int, float)) and g["eps"] >= 0, "a number >= 0")
+    _check_range(
+        "weight_decay", g["weight_decay"], isinstance(g["weight_decay"], (int, float)) and g["weight_decay"] >= 0, "a number >= 0"
+    )
+    tau = g["tau"]
+    _check_range("tau", tau, isinstance(tau, (int, float)) and tau > 0 and tau != float("inf"), "a finite number > 0 (the paper uses 0.004-0.01)")
+    pi = g["power_iters"]
+    _check_range("power_iters", pi, isinstance(pi, int) and not isinstance(pi, bool) and pi >= 1, "an integer >= 1")
+    _check_range("cap_vectors", g["cap_vectors"], isinstance(g["cap_vectors"], bool), "True or False")
+    for p in g["params"]:
+        if torch.is_complex(p):
+            raise ValueError(
+                f"AdamWeyl: complex parameters are not supported (got a {p.dtype} tensor of shape {tuple(p.shape)}); "
+                "the σ1 cap is defined for real matrices — optimise real and imaginary parts as separate real tensors"
+            )
+        if not p.is_floating_point():
+            raise ValueError(f"AdamWeyl: parameters must be floating point, got {p.dtype} of shape {tuple(p.shape)}")
+
+
+class AdamWeyl(Optimizer):
+    r"""AdamW with the AdamW² cap: per tensor and step, lr·σ1(update) ≤ τ·σ1(weight).
+
+    Implements Algorithm 1 of "Taming Transformer Without Using Learning Rate Warmup" (Qi et al.,
+    ICLR 2025) with ``torch.optim.AdamW``'s denominator ``sqrt(v̂) + eps``. With a τ that never binds
+    it is AdamW. The cap only lowers this step's lr of that tensor; the group's (scheduled) lr is
+    unchanged, so LR schedulers work as with AdamW.
+
+    Args:
+        params: parameters or param groups (each group may override every option below).
+        lr: learning rate α (the scheduled, uncapped value).
+        betas: (β1, β2) for the first and second moments.
+        eps: ε added to sqrt(v̂).
+        weight_decay: decoupled weight decay λ; applied with the *capped* lr.
+        tau: τ, the largest relative change of σ1 per step (paper: 0.01 for GPT, 0.004 for ViT).
+        power_iters: power-iteration steps per optimizer step (warm-started; 1 is enough, see docs).
+        cap_vectors: also cap 1-D tensors (norm gains, biases) by their ℓ2 norm. Default: only
+            tensors with ≥ 2 dims, viewed as (shape[0], rest), are capped.
+        cold_start_iters: power-iteration steps on a tensor's first step, when its vectors are new.
+
+    After each ``step()``, ``last_stats`` holds a :class:`CapStats` (device tensors, no sync).
+
+    Non-finite gradients propagate as in AdamW (the weights become non-finite; use a GradScaler,
+    DeepSpeed's overflow check or ``clip_grad_norm_(error_if_nonfinite=True)``); the stored
+    power-iteration vectors are never replaced by non-finite values.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        tau: float = 0.01,
+        power_iters: int = 1,
+        cap_vectors: bool = False,
+        cold_start_iters: int = DEFAULT_COLD_START_ITERS,
+    ):
+        if isinstance(betas, list):
+            betas = tuple(betas)
+        _check_range(
+            "cold_start_iters",
+            cold_start_iters,
+            isinstance(cold_start_iters, int) and not isinstance(cold_start_iters, bool) and cold_start_iters >= 1,
+            "an integer >= 1",
+        )
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            tau=tau,
+            power_iters=power_iters,
+            cap_vectors=cap_vectors,
+            cold_start_iters=cold_start_iters,
+        )
+        _validate_group({**defaults, "params": []})
+        super().__init__(params, defaults)
+        self.last_stats: CapStats | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _validate_group(self.param_groups[-1])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("last_stats", None)
+
+    def _init_state(self, p: Tensor, capped: bool) -> bool:
+        """Create missing state for ``p``; True if its power-iteration vectors start cold."""
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if capped and WEIGHT_VECTOR not in state:
+            k = vector_length(p.shape)
+            state[WEIGHT_VECTOR] = initial_vector(k, p.device)
+            state[UPDATE_VECTOR] = initial_vector(k, p.device)
+            return True
+        return False
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        all_params, ratios, sws, sus, caps = [], [], [], [], []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr = float(group["lr"])
+            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"AdamWeyl does not support sparse gradients (parameter of shape {tuple(p.shape)}); "
+                        "use dense gradients (e.g. nn.Embedding(sparse=False))"
+                    )
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+
+            for params in buckets.values():
+                capped_flags = [p.ndim >= 2 or (group["cap_vectors"] and p.ndim == 1) for p in params]
+                cold = any([self._init_state(p, c) for p, c in zip(params, capped_flags)])
+                states = [self.state[p] for p in params]
+                iters = max(group["power_iters"], group["cold_start_iters"]) if cold else group["power_iters"]
+                ratio, sw, su = adamweyl_step(
+                    params,
+                    [p.grad for p in params],
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
+                    [s["step"] for s in states],
+                    [s[WEIGHT_VECTOR] if c else None for s, c in zip(states, capped_flags)],
+                    [s[UPDATE_VECTOR] if c else None for s, c in zip(states, capped_flags)],
+                    lr=lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    tau=group["tau"],
+                    power_iters=iters,
+                )
+                all_params.extend(params)
+                device = ratios[0].device if ratios else ratio.device
+                ratios.append(ratio.to(device))
+                sws.append(sw.to(device))
+                sus.append(su.to(device))
+                caps.append(torch.tensor(capped_flags, device=device))
+
+        if all_params:
+            self.last_stats = CapStats(all_params, torch.cat(ratios), torch.cat(sws), torch.cat(sus), torch.cat(caps))
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``Optimizer.load_state_dict``, but the power-iteration vectors stay fp32.
+
+        (torch casts every floating state tensor to its parameter's dtype, which would round
+        the vectors of bf16/fp16 parameters and break bit-identical resumption.)
+        """
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        vectors = {
+            pid: {k: v for k, v in state_dict["state"][pid].items() if k in (WEIGHT_VECTOR, UPDATE_VECTOR)}
+            for pid in saved_ids
+            if pid in state_dict["state"]
+        }
+        super().load_state_dict(state_dict)
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(saved_ids, params):
+            for key, value in vectors.get(pid, {}).items():
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)

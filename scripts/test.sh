@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite: offline, CPU, including 2-rank DeepSpeed runs over gloo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec "${PYTHON:-python3}" -m pytest tests "$@"
