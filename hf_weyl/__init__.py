@@ -3,7 +3,7 @@
 ``import hf_weyl`` registers ``optim="adamw_weyl"`` with ``transformers.Trainer``.
 """
 
-from .optimizer import AdamWeyl, CapStats
+from .optimizer import AdamWeyl, CapStats, unwrap_adamweyl
 from .trainer_integration import OPTIM_NAME, optimizer_kwargs_from_optim_args, register_with_transformers
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "__version__",
     "optimizer_kwargs_from_optim_args",
     "register_with_transformers",
+    "unwrap_adamweyl",
 ]
 
 register_with_transformers()

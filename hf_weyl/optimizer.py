@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from .functional import adamweyl_step
 from .power_iteration import initial_vector, vector_length
 
-__all__ = ["AdamWeyl", "CapStats", "DEFAULT_COLD_START_ITERS"]
+__all__ = ["AdamWeyl", "CapStats", "DEFAULT_COLD_START_ITERS", "unwrap_adamweyl"]
 
 #: Power-iteration steps on a tensor's first optimizer step (its vectors start cold).
 DEFAULT_COLD_START_ITERS = 4
@@ -249,3 +249,15 @@ class AdamWeyl(Optimizer):
         for pid, p in zip(saved_ids, params):
             for key, value in vectors.get(pid, {}).items():
                 self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
+
+def unwrap_adamweyl(optimizer: Any) -> AdamWeyl | None:
+    """The ``AdamWeyl`` inside wrappers (accelerate's ``AcceleratedOptimizer``, DeepSpeed's ZeRO/BF16
+    optimizers, ...), found by following ``.optimizer``; None if there is none."""
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        if isinstance(optimizer, AdamWeyl):
+            return optimizer
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
