@@ -52,18 +52,25 @@ def adam_moments_(
 
 
 def adam_direction(
-    exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], bias_corrections2: list[float], *, eps: float
-) -> list[Tensor]:
-    """U' = m / (sqrt(v / (1−β2^t)) + ε): the AdamW direction *before* division by (1−β1^t).
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    bias_corrections1: list[float],
+    bias_corrections2: list[float],
+    *,
+    eps: float,
+) -> tuple[list[Tensor], list[float]]:
+    """The AdamW direction U = m̂ / (sqrt(v̂) + ε) as (D, s) with U = s·D per tensor.
 
-    One work buffer per tensor (the same one AdamW allocates for its denominator).
+    With c = sqrt(1−β2^t): U = (m/(1−β1^t)) / (sqrt(v)/c + ε) = (c/(1−β1^t)) · m / (sqrt(v) + cε),
+    so D = m / (sqrt(v) + cε) and s = c/(1−β1^t). This costs four passes, as AdamW's own
+    denominator + addcdiv do, and one work buffer per tensor (the one AdamW allocates too).
     """
+    roots = [bc**0.5 for bc in bias_corrections2]
     direction = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(direction, [bc**0.5 for bc in bias_corrections2])
-    torch._foreach_add_(direction, eps)
+    torch._foreach_add_(direction, [eps * c for c in roots])
     torch._foreach_reciprocal_(direction)
     torch._foreach_mul_(direction, exp_avgs)
-    return direction
+    return direction, [c / bc for c, bc in zip(roots, bias_corrections1)]
 
 
 def cap_ratio(sigma_weight: Tensor, sigma_update: Tensor, capped: Tensor, *, lr: float, tau: float) -> Tensor:
@@ -82,17 +89,18 @@ def apply_capped_update_(
     params: list[Tensor],
     directions: list[Tensor],
     ratio: Tensor,
-    bias_corrections1: list[float],
+    direction_scales: list[float],
     *,
     lr: float,
     weight_decay: float,
 ) -> None:
-    """W ← W(1 − α'λ) − (α'/(1−β1^t)) U' with α' = lr · ratio, per tensor, no host sync."""
+    """W ← W(1 − α'λ) − α' s D with α' = lr · ratio per tensor (U = s·D), without a host sync."""
+    ratio = ratio.to(torch.promote_types(params[0].dtype, torch.float32))  # fp64 params keep fp64 scalars
     eff_lr = ratio * lr
     if weight_decay != 0:
         torch._foreach_mul_(params, list((1 - eff_lr * weight_decay).unbind(0)))
-    bc1 = torch.tensor(bias_corrections1, dtype=torch.float32).to(ratio.device, non_blocking=True)
-    torch._foreach_addcmul_(params, directions, list((-eff_lr / bc1).unbind(0)))
+    scales = torch.tensor(direction_scales, dtype=ratio.dtype).to(ratio.device, non_blocking=True)
+    torch._foreach_addcmul_(params, directions, list((-eff_lr * scales).unbind(0)))
 
 
 def adamweyl_step(
@@ -118,7 +126,7 @@ def adamweyl_step(
     """
     device = params[0].device
     bc1, bc2 = adam_moments_(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2)
-    directions = adam_direction(exp_avgs, exp_avg_sqs, bc2, eps=eps)
+    directions, scales = adam_direction(exp_avgs, exp_avg_sqs, bc1, bc2, eps=eps)
 
     n = len(params)
     sigma_w = torch.zeros(n, dtype=torch.float32, device=device)
@@ -129,11 +137,10 @@ def adamweyl_step(
         su = power_iteration_([as_matrix(directions[i]) for i in idx], [update_vectors[i] for i in idx], power_iters)
         index = torch.tensor(idx, device=device)
         sigma_w.index_copy_(0, index, sw)
-        # σ1(U) = σ1(U') / (1 − β1^t)
-        sigma_u.index_copy_(0, index, su / torch.tensor([bc1[i] for i in idx], device=device))
+        sigma_u.index_copy_(0, index, su * torch.tensor([scales[i] for i in idx], device=device))  # σ1(sD) = s σ1(D)
     capped = torch.zeros(n, dtype=torch.bool, device=device)
     if idx:
         capped[idx] = True
     ratio = cap_ratio(sigma_w, sigma_u, capped, lr=lr, tau=tau)
-    apply_capped_update_(params, directions, ratio, bc1, lr=lr, weight_decay=weight_decay)
+    apply_capped_update_(params, directions, ratio, scales, lr=lr, weight_decay=weight_decay)
     return ratio, sigma_w, sigma_u

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from .functional import adamweyl_step
 from .power_iteration import initial_vector, vector_length
+from .zero import SIGMA_MODES, check_active_deepspeed_config, is_zero_partition, zero_layout, zero_step
 
 __all__ = ["AdamWeyl", "CapStats", "DEFAULT_COLD_START_ITERS", "unwrap_adamweyl"]
 
@@ -22,6 +23,10 @@ DEFAULT_COLD_START_ITERS = 4
 #: Optimizer-state keys of the power-iteration vectors (fp32, kept between steps).
 WEIGHT_VECTOR = "weight_vector"
 UPDATE_VECTOR = "update_vector"
+
+#: Param-group key: the group's position when it was added (DeepSpeed ZeRO narrows ``param_groups``
+#: to one group per call; this finds the parameters the group was built with).
+GROUP_INDEX = "weyl_group_index"
 
 
 @dataclass
@@ -83,6 +88,7 @@ def _validate_group(g: dict[str, Any]) -> None:
     pi = g["power_iters"]
     _check_range("power_iters", pi, isinstance(pi, int) and not isinstance(pi, bool) and pi >= 1, "an integer >= 1")
     _check_range("cap_vectors", g["cap_vectors"], isinstance(g["cap_vectors"], bool), "True or False")
+    _check_range("sigma_mode", g["sigma_mode"], g["sigma_mode"] in SIGMA_MODES, f"one of {SIGMA_MODES} (used under DeepSpeed ZeRO)")
     for p in g["params"]:
         if torch.is_complex(p):
             raise ValueError(
@@ -112,6 +118,9 @@ class AdamWeyl(Optimizer):
         cap_vectors: also cap 1-D tensors (norm gains, biases) by their ℓ2 norm. Default: only
             tensors with ≥ 2 dims, viewed as (shape[0], rest), are capped.
         cold_start_iters: power-iteration steps on a tensor's first step, when its vectors are new.
+        sigma_mode: how σ's are computed when DeepSpeed ZeRO shards the parameters (chosen
+            automatically, see ``hf_weyl.zero``): ``"vector_reduce"`` (all-reduce only the
+            power-iteration vectors) or ``"gather"`` (all-gather whole matrices). Ignored otherwise.
 
     After each ``step()``, ``last_stats`` holds a :class:`CapStats` (device tensors, no sync).
 
@@ -132,6 +141,7 @@ class AdamWeyl(Optimizer):
         power_iters: int = 1,
         cap_vectors: bool = False,
         cold_start_iters: int = DEFAULT_COLD_START_ITERS,
+        sigma_mode: str = "vector_reduce",
     ):
         if isinstance(betas, list):
             betas = tuple(betas)
@@ -150,18 +160,53 @@ class AdamWeyl(Optimizer):
             power_iters=power_iters,
             cap_vectors=cap_vectors,
             cold_start_iters=cold_start_iters,
+            sigma_mode=sigma_mode,
         )
         _validate_group({**defaults, "params": []})
+        check_active_deepspeed_config()  # refuse DeepSpeed configs we cannot honour, at construction
+        self._built_with: list[list[Tensor]] = []  # each group's parameters (ZeRO replaces them later)
+        self._zero_stats: dict[tuple[int, int], tuple] = {}
+        self._zero_checked: set[int] = set()
         super().__init__(params, defaults)
         self.last_stats: CapStats | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1])
+        self.param_groups[-1][GROUP_INDEX] = len(self._built_with)
+        self._built_with.append(list(self.param_groups[-1]["params"]))
+
+    def _zero_group_step(self, group: dict[str, Any]) -> bool:
+        """If DeepSpeed ZeRO replaced this group's parameters by flat fp32 partitions, step them with
+        collectively computed σ's (``hf_weyl.zero``) and return True; False for an ordinary group."""
+        index = group.get(GROUP_INDEX, 0)
+        built_with = self._built_with[index] if index < len(self._built_with) else []
+        flats = group["params"]
+        if not flats or not any(is_zero_partition(f, built_with) for f in flats):
+            return bool(built_with) and not flats  # ZeRO-3 empties the groups it is not stepping
+        for flat in flats:
+            layout = zero_layout(flat, built_with)
+            first = id(flat) not in self._zero_checked
+            result = zero_step(self, group, flat, layout, first)
+            self._zero_checked.add(id(flat))
+            if result is not None:
+                first_param = next(j for j, p in enumerate(built_with) if p is layout.params[0])
+                self._zero_stats[(index, first_param)] = result
+        if self._zero_stats:
+            parts = [self._zero_stats[k] for k in sorted(self._zero_stats)]
+            device = parts[0][1].device
+            self.last_stats = CapStats(
+                [p for part in parts for p in part[0]],
+                *(torch.cat([part[i].to(device) for part in parts]) for i in range(1, 5)),
+            )
+        return True
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("last_stats", None)
+        self.__dict__.setdefault("_built_with", [list(g["params"]) for g in self.param_groups])
+        self.__dict__.setdefault("_zero_stats", {})
+        self.__dict__.setdefault("_zero_checked", set())
 
     def _init_state(self, p: Tensor, capped: bool) -> bool:
         """Create missing state for ``p``; True if its power-iteration vectors start cold."""
@@ -187,6 +232,8 @@ class AdamWeyl(Optimizer):
 
         all_params, ratios, sws, sus, caps = [], [], [], [], []
         for group in self.param_groups:
+            if self._zero_group_step(group):
+                continue
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
             buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -245,6 +292,10 @@ class AdamWeyl(Optimizer):
             if pid in state_dict["state"]
         }
         super().load_state_dict(state_dict)
+        for i, g in enumerate(self.param_groups):  # groups saved by older versions lack newer options
+            for key, value in self.defaults.items():
+                g.setdefault(key, value)
+            g[GROUP_INDEX] = i
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(saved_ids, params):
             for key, value in vectors.get(pid, {}).items():

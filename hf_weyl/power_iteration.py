@@ -10,7 +10,8 @@ that converges to it: the estimate never overestimates. Keeping x between calls 
 ``torch.nn.utils.spectral_norm`` does) makes one iteration per optimizer step nearly exact for
 slowly moving matrices.
 
-All arithmetic is fp32 whatever the input dtype. A zero, tiny or non-finite matrix never turns a
+All arithmetic is at least fp32 (fp64 matrices stay fp64; bf16/fp16 ones are promoted), vectors
+are stored in fp32. A zero, tiny or non-finite matrix never turns a
 stored vector into NaN: x is only replaced where the new σ is finite and positive.
 
 Matrices of one shape are processed together: small ones (≤ ``BATCHED_MAX_NUMEL`` elements) are
@@ -77,15 +78,20 @@ def _normalize_rows(v: Tensor) -> Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(_TINY)
 
 
+def _compute_dtype(a: Tensor) -> torch.dtype:
+    return torch.promote_types(a.dtype, torch.float32)
+
+
 def _iterate(b: Tensor, x: Tensor, iters: int) -> tuple[Tensor, Tensor]:
     """``iters`` power steps on (batched) B with start x; returns (σ, new x) without touching x."""
+    x = x.to(b.dtype)
     for _ in range(iters):
         y = _normalize_rows(torch.matmul(b, x.unsqueeze(-1)).squeeze(-1))
         z = torch.matmul(b.transpose(-2, -1), y.unsqueeze(-1)).squeeze(-1)
         sigma = z.norm(dim=-1)
         ok = (sigma > 0) & torch.isfinite(sigma)
         x = torch.where(ok.unsqueeze(-1), z / sigma.clamp_min(_TINY).unsqueeze(-1), x)
-    return torch.nan_to_num(sigma, nan=0.0, posinf=0.0), x
+    return torch.nan_to_num(sigma, nan=0.0, posinf=0.0).float(), x.float()
 
 
 @torch.no_grad()
@@ -107,7 +113,8 @@ def power_iteration_(matrices: list[Tensor], vectors: list[Tensor], iters: int) 
 
     for (m, n), idx in by_shape.items():
         if m * n <= BATCHED_MAX_NUMEL and len(idx) > 1:
-            stack = torch.stack([matrices[i] for i in idx]).float()
+            stack = torch.stack([matrices[i] for i in idx])
+            stack = stack.to(_compute_dtype(stack))
             b = stack if n <= m else stack.transpose(1, 2)
             x0 = torch.stack([vectors[i] for i in idx])
             sigma, x = _iterate(b, x0, iters)
@@ -116,7 +123,7 @@ def power_iteration_(matrices: list[Tensor], vectors: list[Tensor], iters: int) 
                 sigmas[i] = sigma[j]
         else:
             for i in idx:
-                b = _short_side(matrices[i].float())
+                b = _short_side(matrices[i].to(_compute_dtype(matrices[i])))
                 sigma, x = _iterate(b, vectors[i], iters)
                 vectors[i].copy_(x)
                 sigmas[i] = sigma

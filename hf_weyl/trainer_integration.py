@@ -47,6 +47,7 @@ OPTIM_ARGS: dict[str, Callable[[str], Any]] = {
     "power_iters": _parse_int,
     "cap_vectors": _parse_bool,
     "cold_start_iters": _parse_int,
+    "sigma_mode": str.strip,  # DeepSpeed ZeRO: "vector_reduce" or "gather" (checked by AdamWeyl)
 }
 
 

@@ -5,3 +5,28 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def make_tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32, n_layer: int = 2, n_embd: int = 32, vocab: int = 97):
+    """A small randomly initialised GPT-2 (no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=32, n_embd=n_embd, n_layer=n_layer, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).to(dtype)
+
+
+def token_batches(n: int, batch: int = 4, seq: int = 16, vocab: int = 97, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(n)]
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_tiny_gpt2

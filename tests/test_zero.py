@@ -1,0 +1,137 @@
+"""AdamWeyl under DeepSpeed ZeRO: 2 real CPU ranks (gloo) launched with torchrun, plus in-process checks.
+
+The torchrun scripts batch many checks per launch (DeepSpeed start-up and its one-time ninja build
+dominate); each check is reported as its own test here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_weyl
+from hf_weyl import AdamWeyl
+from hf_weyl.zero import SIGMA_MODES, _matvec, _rmatvec, _split_piece, check_deepspeed_config
+
+pytest.importorskip("deepspeed")
+
+SCRIPTS = Path(__file__).parent / "zero_scripts"
+ZERO_CHECKS = [f"equal_zero{s}_{m}" for s in (1, 2, 3) for m in SIGMA_MODES] + [
+    "resume_zero2",
+    "resume_zero3",
+    "inf_one_rank_zero2_fp32",
+    "inf_one_rank_zero2_bf16_unchecked",
+    "inf_one_rank_zero3_fp32",
+    "refuse_round_robin",
+    "refuse_offload",
+    "accelerate_zero2",
+]
+TRAINER_CHECKS = [
+    "trainer_zero2_vector_reduce",
+    "trainer_zero2_gather",
+    "trainer_zero3_vector_reduce",
+    "trainer_routes_agree",
+    "trainer_refuses_offload",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(script: str, out: Path, timeout: int = 420) -> dict[str, str]:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(SCRIPTS / script), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if not out.exists():
+        pytest.fail(f"{script} wrote no results (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def zero_results(tmp_path_factory):
+    return _torchrun("zero_checks.py", tmp_path_factory.mktemp("zero") / "results.json")
+
+
+@pytest.fixture(scope="module")
+def trainer_results(tmp_path_factory):
+    return _torchrun("trainer_route.py", tmp_path_factory.mktemp("trainer") / "results.json")
+
+
+@pytest.mark.parametrize("check", ZERO_CHECKS)
+def test_zero_two_ranks(zero_results, check):
+    assert zero_results.get(check) == "ok", zero_results.get(check, "check did not run")
+
+
+@pytest.mark.parametrize("check", TRAINER_CHECKS)
+def test_trainer_deepspeed_route(trainer_results, check):
+    assert trainer_results.get(check) == "ok", trainer_results.get(check, "check did not run")
+
+
+# ---------------------------------------------------------------- in-process
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7), (1, 9), (6, 1)])
+def test_piece_products_sum_to_full_products(shape):
+    """Summing the partial A·v and Aᵀ·w of any contiguous split gives the full products."""
+    m, n = shape
+    a = torch.randn(m, n)
+    v, w = torch.randn(n), torch.randn(m)
+    flat = a.reshape(-1)
+    for cuts in ([0, m * n], [0, 3, m * n], [0, 1, n + 2, m * n - 1, m * n], [0, 0, m * n]):
+        cuts = sorted(min(c, m * n) for c in cuts)
+        av = sum(_matvec(_split_piece(flat[s:e], s, n), m, v) for s, e in zip(cuts, cuts[1:]))
+        atw = sum(_rmatvec(_split_piece(flat[s:e], s, n), n, w) for s, e in zip(cuts, cuts[1:]))
+        torch.testing.assert_close(av, a @ v)
+        torch.testing.assert_close(atw, a.t() @ w)
+
+
+def test_sigma_mode_validated_at_construction_and_in_optim_args():
+    p = [torch.nn.Parameter(torch.randn(3, 3))]
+    with pytest.raises(ValueError, match="sigma_mode='allreduce'.*vector_reduce.*gather"):
+        AdamWeyl(p, sigma_mode="allreduce")
+    assert AdamWeyl(p, sigma_mode="gather").param_groups[0]["sigma_mode"] == "gather"
+    assert hf_weyl.optimizer_kwargs_from_optim_args("sigma_mode=gather,tau=0.02") == {"sigma_mode": "gather", "tau": 0.02}
+
+
+@pytest.mark.parametrize(
+    "zero, needle",
+    [
+        ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer"),
+        ({"stage": 3, "offload_optimizer": {"device": "nvme"}}, "offload_optimizer"),
+        ({"stage": 2, "round_robin_gradients": True}, "round_robin_gradients"),
+    ],
+)
+def test_refused_configs(zero, needle):
+    with pytest.raises(ValueError, match=needle):
+        check_deepspeed_config({"zero_optimization": zero})
+    check_deepspeed_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}})
+
+
+def test_hf_deepspeed_config_refused_when_optimizer_is_built():
+    from transformers.integrations import HfDeepSpeedConfig
+
+    cfg = HfDeepSpeedConfig({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}})
+    with pytest.raises(ValueError, match="offload_optimizer"):
+        AdamWeyl([torch.nn.Parameter(torch.randn(3, 3))])
+    del cfg
+
+
+def test_foreign_flat_partition_raises_instead_of_plain_adamw():
+    model = torch.nn.Linear(4, 3)
+    opt = AdamWeyl(model.parameters())
+    flat = torch.zeros(15, requires_grad=True)
+    flat.grad = torch.ones(15)
+    opt.param_groups[0]["params"] = [flat]  # what a wrapper does, without DeepSpeed's mapping
+    with pytest.raises(RuntimeError, match="no DeepSpeed ZeRO fragment mapping"):
+        opt.step()

@@ -1,0 +1,147 @@
+"""The HF Trainer route: ``optim="adamw_weyl"`` + a DeepSpeed config (recipes/configs/ds_zero{2,3}.json).
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/zero_scripts/trainer_route.py OUT.json
+
+Trains the same tiny model with each σ mode under ZeRO-2 and with vector_reduce under ZeRO-3: all end
+with the same weights (the σ's agree), and differ from plain AdamW (the cap binds). A config with
+optimizer offload must be refused when the Trainer builds the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import PretrainedConfig, Trainer, TrainingArguments
+
+import hf_weyl  # noqa: F401  registers optim="adamw_weyl"
+from hf_weyl import unwrap_adamweyl
+
+CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = PretrainedConfig(hidden_size=24)  # fills the configs' "auto" bucket sizes
+        torch.manual_seed(0)
+        self.a = nn.Linear(12, 24, bias=False)
+        self.b = nn.Linear(24, 10)
+        self.d = nn.Linear(10, 3, bias=False)
+
+    def forward(self, x, labels):
+        out = self.d(torch.tanh(self.b(torch.tanh(self.a(x)))))
+        return {"loss": ((out - labels) ** 2).mean()}
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self, n=64):
+        g = torch.Generator().manual_seed(7)
+        self.x, self.y = torch.randn(n, 12, generator=g), torch.randn(n, 3, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def train(config, optim="adamw_weyl", optim_args=None):
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="hf_weyl_trainer_"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=0.05,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        optim=optim,
+        optim_args=optim_args,
+        deepspeed=config,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=True,  # CPU-only CI: accelerate sets up gloo; on GPUs drop this
+    )
+    model = Net()
+    trainer = Trainer(model=model, args=args, train_dataset=Data())
+    trainer.train()
+    params = list(trainer.model_wrapped.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params]):
+        weights = {n: p.detach().clone() for n, p in params}
+    return trainer, weights
+
+
+def close(a, b, rtol=1e-6, atol=1e-7):
+    return all(torch.allclose(a[n], b[n], rtol=rtol, atol=atol) for n in a)
+
+
+def main():
+    out = sys.argv[1]
+    results = {}
+
+    def run(name, fn):
+        try:
+            fn()
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to pytest
+            results[name] = traceback.format_exc()
+
+    runs = {}
+
+    def weyl(stage, mode):
+        trainer, weights = train(str(CONFIGS / f"ds_zero{stage}.json"), optim_args=f"tau=0.01,sigma_mode={mode}")
+        opt = unwrap_adamweyl(trainer.optimizer)
+        assert opt is not None, f"the Trainer's optimizer is {type(trainer.optimizer)}, not AdamWeyl"
+        assert opt._zero_stats, "AdamWeyl's ZeRO path did not run"
+        assert all(g["sigma_mode"] == mode for g in opt.param_groups)
+        assert any(float(r) < 1 for r in opt.last_stats.lr_ratio), "the cap never bound"
+        runs[(stage, mode)] = weights
+
+    run("trainer_zero2_vector_reduce", lambda: weyl(2, "vector_reduce"))
+    run("trainer_zero2_gather", lambda: weyl(2, "gather"))
+    run("trainer_zero3_vector_reduce", lambda: weyl(3, "vector_reduce"))
+
+    def agree():
+        base = runs[(2, "vector_reduce")]
+        assert close(runs[(2, "gather")], base), "σ modes disagree under the Trainer"
+        assert close(runs[(3, "vector_reduce")], base), "ZeRO-3 disagrees with ZeRO-2"
+        _, adamw = train(str(CONFIGS / "ds_zero2.json"), optim="adamw_torch")
+        assert not close(adamw, base, rtol=1e-3, atol=1e-5), "AdamWeyl ended where AdamW did: the cap had no effect"
+
+    run("trainer_routes_agree", agree)
+
+    def refuse_offload():
+        cfg = json.loads((CONFIGS / "ds_zero2.json").read_text())
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        try:
+            train(cfg)
+        except ValueError as err:
+            assert "offload_optimizer" in str(err), str(err)
+            return
+        raise AssertionError("optimizer offload was not refused")
+
+    run("trainer_refuses_offload", refuse_offload)
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        merged = {n: next((r[n] for r in gathered if r.get(n, "ok") != "ok"), "ok") for n in results}
+        with open(out, "w") as f:
+            json.dump(merged, f, indent=1)
+
+
+if __name__ == "__main__":
+    deepspeed.init_distributed(dist_backend="gloo")
+    main()

@@ -1,0 +1,280 @@
+"""Checks of AdamWeyl under DeepSpeed ZeRO on 2 real ranks (gloo, CPU), batched in one launch.
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/zero_scripts/zero_checks.py OUT.json [CHECK ...]
+
+Each check writes "ok" or its error into OUT.json (rank 0); ``tests/test_zero.py`` asserts on them.
+The reference is the single-process AdamWeyl on the full batch (same init, data, clipping, accumulation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import hf_weyl
+from hf_weyl import AdamWeyl, unwrap_adamweyl
+
+WORLD = 2
+MICRO = 4  # per rank
+GAS = 2
+LR, TAU = 0.05, 0.01
+
+
+class Net(nn.Module):
+    """a.weight (24×12, tall) lies wholly on rank 0 under ZeRO-1/2, b.weight (10×24, wide) is split
+    between the ranks; c is a 1×1 matrix of which rank 1 holds nothing under ZeRO-3."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(12, 24, bias=False)
+        self.b = nn.Linear(24, 10)
+        self.c = nn.Parameter(torch.full((1, 1), 1.3))
+        self.norm = nn.LayerNorm(10)
+        self.d = nn.Linear(10, 3, bias=False)
+
+    def forward(self, x):
+        return self.d(self.norm(self.b(torch.tanh(self.a(x))))) * self.c
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def groups(model, **kw):
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    other = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}]
+
+
+def batch(step, micro, rank=None):
+    g = torch.Generator().manual_seed(1000 * step + micro)
+    x = torch.randn(WORLD * MICRO, 12, generator=g)
+    y = torch.randn(WORLD * MICRO, 3, generator=g)
+    if rank is None:
+        return x, y
+    return x[rank * MICRO : (rank + 1) * MICRO], y[rank * MICRO : (rank + 1) * MICRO]
+
+
+def loss_fn(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def ds_config(stage, **extra):
+    cfg = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": GAS,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    for k, v in extra.items():
+        if k == "zero":
+            cfg["zero_optimization"].update(v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def reference(steps, sigma_mode="vector_reduce"):
+    """Single-process AdamWeyl: weights by name and last σ's by name."""
+    model = make_model()
+    opt = AdamWeyl(groups(model), lr=LR, tau=TAU, betas=(0.9, 0.95))
+    for step in range(steps):
+        for micro in range(GAS):
+            x, y = batch(step, micro)
+            (loss_fn(model, x, y) / GAS).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def stats_by_name(model, opt):
+    s = unwrap_adamweyl(opt).last_stats
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        names[id(p)]: (float(r), float(sw), float(su), bool(c))
+        for p, r, sw, su, c in zip(s.params, s.lr_ratio, s.sigma_weight, s.sigma_update, s.capped)
+    }
+
+
+def full_weights(engine_or_model, stage):
+    model = getattr(engine_or_model, "module", engine_or_model)
+    params = list(model.named_parameters())
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            return {n: p.detach().clone() for n, p in params}
+    return {n: p.detach().clone() for n, p in params}
+
+
+def train_ds(engine, steps, first_step=0, poison=None):
+    rank = dist.get_rank()
+    for step in range(first_step, first_step + steps):
+        for micro in range(GAS):
+            x, y = batch(step, micro, rank)
+            dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+            loss = loss_fn(engine, x.to(dtype), y.to(dtype))
+            if poison is not None and poison == (step, rank):
+                loss = loss * float("inf")
+            engine.backward(loss)
+            engine.step()
+
+
+def make_engine(stage, sigma_mode="vector_reduce", seed=0, **cfg_extra):
+    model = make_model(seed)
+    opt = AdamWeyl(groups(model), lr=LR, tau=TAU, betas=(0.9, 0.95), sigma_mode=sigma_mode)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, **cfg_extra))
+    return engine
+
+
+def assert_close(got, want, rtol=1e-6, atol=1e-7, what=""):
+    for name in want:
+        g, w = got[name], want[name]
+        if not torch.allclose(g, w, rtol=rtol, atol=atol):
+            err = ((g - w).abs() / (w.abs() + atol)).max()
+            raise AssertionError(f"{what}{name}: max relative difference {float(err):.3g}")
+
+
+def check_equal(stage, mode, steps=3):
+    engine = make_engine(stage, mode)
+    train_ds(engine, steps)
+    ref_model, ref_opt = reference(steps)
+    got = full_weights(engine, stage)
+    assert_close(got, dict(ref_model.named_parameters()), what=f"ZeRO-{stage} {mode} weights ")
+    ref_stats, ds_stats = stats_by_name(ref_model, ref_opt), stats_by_name(engine.module, engine.optimizer)
+    assert set(ds_stats) == set(ref_stats), (sorted(ds_stats), sorted(ref_stats))
+    assert any(r < 1 for r, *_ in ref_stats.values()), "the cap never bound: the test would not see wrong σ's"
+    for name, (r, sw, su, c) in ref_stats.items():
+        r2, sw2, su2, c2 = ds_stats[name]
+        assert c == c2, name
+        for a, b, what in ((r, r2, "ratio"), (sw, sw2, "sigma_w"), (su, su2, "sigma_u")):
+            assert abs(a - b) <= 1e-6 * abs(a) + 1e-7, f"{name} {what}: single {a} vs ZeRO-{stage} {b}"
+    # the optimizer really ran the ZeRO form on flat partitions
+    assert all(len(g["params"]) <= 1 for g in unwrap_adamweyl(engine.optimizer).param_groups)
+
+
+def check_resume(stage):
+    ckpt = os.path.join(tempfile.gettempdir(), f"hf_weyl_zero_resume_{stage}_{os.environ.get('MASTER_PORT', '0')}")
+    engine = make_engine(stage)
+    train_ds(engine, 2)
+    engine.save_checkpoint(ckpt, tag="t2")
+    train_ds(engine, 2, first_step=2)
+    want = full_weights(engine, stage)
+    want_vectors = [
+        s["zero_weyl_vectors"].clone() for s in unwrap_adamweyl(engine.optimizer).state.values() if "zero_weyl_vectors" in s
+    ]
+    engine2 = make_engine(stage, seed=123)  # different init: everything must come from the checkpoint
+    engine2.load_checkpoint(ckpt, tag="t2")
+    train_ds(engine2, 2, first_step=2)
+    got = full_weights(engine2, stage)
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"ZeRO-{stage} resume: {name} differs"
+    got_vectors = [
+        s["zero_weyl_vectors"] for s in unwrap_adamweyl(engine2.optimizer).state.values() if "zero_weyl_vectors" in s
+    ]
+    assert len(got_vectors) == len(want_vectors) > 0
+    assert all(torch.equal(a, b) for a, b in zip(got_vectors, want_vectors)), "power-iteration vectors differ"
+    if dist.get_rank() == 0:
+        import shutil
+
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def check_inf_one_rank(stage, ds_skips=True, **cfg):
+    """Rank 1 alone gets an inf loss: both ranks must skip the step (DeepSpeed's own overflow check, or,
+    where DeepSpeed does not check — bf16 with check_grad_overflow=false — AdamWeyl's reduced check)."""
+    engine = make_engine(stage, **cfg)
+    train_ds(engine, 1)
+    before = full_weights(engine, stage)
+    train_ds(engine, 1, first_step=1, poison=(1, 1))  # rank 1 only
+    after = full_weights(engine, stage)
+    assert (engine.skipped_steps == 1) == ds_skips, f"DeepSpeed skipped_steps={engine.skipped_steps}"
+    for name in before:
+        assert torch.equal(before[name], after[name]), f"ZeRO-{stage} {cfg}: {name} changed on a non-finite step"
+    train_ds(engine, 1, first_step=2)
+    final = full_weights(engine, stage)
+    assert all(torch.isfinite(t).all() for t in final.values())
+    assert any(not torch.equal(final[n], after[n]) for n in final), "training did not continue after the skip"
+
+
+def check_refuses(stage, needle, **cfg):
+    try:
+        engine = make_engine(stage, **cfg)
+        train_ds(engine, 1)
+    except (ValueError, RuntimeError) as err:
+        if needle not in str(err):
+            raise AssertionError(f"wrong error for {cfg}: {err}") from err
+        return
+    raise AssertionError(f"no error for {cfg}")
+
+
+def check_accelerate(stage=2):
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(stage)))
+    model = make_model()
+    opt = AdamWeyl(groups(model), lr=LR, tau=TAU, betas=(0.9, 0.95))
+    model, opt = accelerator.prepare(model, opt)
+    rank = dist.get_rank()
+    for step in range(3):
+        for micro in range(GAS):
+            with accelerator.accumulate(model):
+                x, y = batch(step, micro, rank)
+                accelerator.backward(loss_fn(model, x, y))
+                opt.step()
+                opt.zero_grad()
+    ref_model, _ = reference(3)
+    assert unwrap_adamweyl(opt) is not None and unwrap_adamweyl(opt)._zero_stats, "AdamWeyl's ZeRO path did not run"
+    assert_close(full_weights(model, stage), dict(ref_model.named_parameters()), what="accelerate ZeRO-2 ")
+
+
+CHECKS = {
+    **{f"equal_zero{s}_{m}": (lambda s=s, m=m: check_equal(s, m)) for s in (1, 2, 3) for m in hf_weyl.zero.SIGMA_MODES},
+    "resume_zero2": lambda: check_resume(2),
+    "resume_zero3": lambda: check_resume(3),
+    "inf_one_rank_zero2_fp32": lambda: check_inf_one_rank(2),
+    "inf_one_rank_zero2_bf16_unchecked": lambda: check_inf_one_rank(
+        2, ds_skips=False, bf16={"enabled": True, "check_grad_overflow": False}, gradient_clipping=0.0
+    ),
+    "inf_one_rank_zero3_fp32": lambda: check_inf_one_rank(3),
+    "refuse_round_robin": lambda: check_refuses(2, "round_robin_gradients", zero={"round_robin_gradients": True}),
+    "refuse_offload": lambda: check_refuses(
+        2, "offload_optimizer", zero={"offload_optimizer": {"device": "cpu"}}, zero_force_ds_cpu_optimizer=False
+    ),
+    "accelerate_zero2": check_accelerate,  # last: it creates accelerate's global state
+}
+
+
+def main():
+    out = sys.argv[1]
+    names = sys.argv[2:] or list(CHECKS)
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = {}
+    for name in names:
+        try:
+            CHECKS[name]()
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to pytest
+            results[name] = traceback.format_exc()
+        dist.barrier()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        merged = {n: next((r[n] for r in gathered if r[n] != "ok"), "ok") for n in names}
+        with open(out, "w") as f:
+            json.dump(merged, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
