@@ -1,0 +1,127 @@
+"""Model cards of recipe runs, rendered from ``model_cards/*.md`` with ``huggingface_hub.ModelCard``.
+
+The card's YAML header carries ``model-index`` (the evaluation results), tags (``adamw_weyl``,
+``no-warmup``), datasets and base model; the body the hyperparameters (optimizer, τ, warmup steps),
+the embedded training plots and the exact reproduce command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+__all__ = ["TEMPLATE_DIR", "CardMetric", "default_template", "render_model_card", "training_hyperparameters"]
+
+#: ``model_cards/`` at the repository root (next to the package).
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+
+
+def default_template() -> Path:
+    path = TEMPLATE_DIR / "adamw_weyl_recipe.md"
+    if not path.is_file():
+        raise FileNotFoundError(f"model card template not found at {str(path)!r} (run from an hf_weyl checkout)")
+    return path
+
+
+@dataclass
+class CardMetric:
+    """One evaluation result: ``type`` is the Hub metric id (``accuracy``, ``perplexity``, ``loss``)."""
+
+    type: str
+    name: str
+    value: float
+    split: str = "validation"
+
+
+def training_hyperparameters(args: Any, num_processes: int, tokens_per_example: int | None = None) -> dict[str, Any]:
+    """The hyperparameter table of a recipe run (effective batch included)."""
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+    hp: dict[str, Any] = {"optimizer": args.optimizer}
+    if args.optimizer == "adamw_weyl":
+        hp["tau (τ)"] = args.tau
+        hp["power iterations per step"] = args.power_iters
+    hp.update({
+        "learning rate (peak)": args.learning_rate,
+        "warmup steps": args.warmup_steps if args.warmup_steps else "0 (no warmup)",
+        "lr schedule": args.lr_scheduler_type,
+        "betas": f"({args.beta1}, {args.beta2})",
+        "epsilon": args.adam_epsilon,
+        "weight decay": args.weight_decay,
+        "gradient clipping": args.max_grad_norm if args.max_grad_norm > 0 else "none",
+        "optimizer steps": args.max_train_steps,
+        "per-device batch size": args.per_device_train_batch_size,
+        "gradient accumulation steps": args.gradient_accumulation_steps,
+        "processes": num_processes,
+        "effective batch size": batch,
+        "seed": args.seed,
+    })
+    if tokens_per_example:
+        hp["tokens per optimizer step"] = batch * tokens_per_example
+    return hp
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("hf_weyl", "transformers", "accelerate", "torch", "datasets", "huggingface_hub"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def render_model_card(
+    *,
+    model_name: str,
+    summary: str,
+    task_type: str,
+    task_name: str,
+    dataset_id: str,
+    dataset_name: str,
+    metrics: list[CardMetric],
+    hyperparameters: Mapping[str, Any],
+    plots: Mapping[str, str | Path],
+    reproduce_command: str,
+    optimizer: str,
+    warmup_steps: int,
+    tags: list[str] | None = None,
+    base_model: str | None = None,
+    pipeline_tag: str | None = None,
+    template_path: str | Path | None = None,
+) -> ModelCard:
+    """Render the card; its metadata validates as ``model-index`` (see ``ModelCard.load(...).data.eval_results``)."""
+    for key in ("loss", "cap"):
+        if key not in plots:
+            raise ValueError(f"plots must include {key!r}, got {sorted(plots)}")
+    eval_results = [
+        EvalResult(task_type=task_type, task_name=task_name, dataset_type=dataset_id, dataset_name=dataset_name,
+                   dataset_split=m.split, metric_type=m.type, metric_name=m.name, metric_value=m.value)
+        for m in metrics
+    ]
+    all_tags = ["hf_weyl", optimizer, "no-warmup" if warmup_steps == 0 else "warmup", *(tags or [])]
+    card_data = ModelCardData(
+        model_name=model_name, eval_results=eval_results, tags=all_tags, datasets=[dataset_id], license="apache-2.0",
+        library_name="transformers", base_model=base_model, pipeline_tag=pipeline_tag,
+        metrics=sorted({m.type for m in metrics}),
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path or default_template()),
+        model_name=model_name,
+        summary=summary,
+        metrics=[{"name": m.name, "split": m.split, "value": f"{m.value:.4f}"} for m in metrics],
+        hyperparameters=dict(hyperparameters),
+        plots={k: Path(v).as_posix() for k, v in plots.items()},
+        reproduce_command=reproduce_command,
+        is_weyl=optimizer == "adamw_weyl",
+        optimizer_label="AdamW² (`optim=adamw_weyl`)" if optimizer == "adamw_weyl" else f"`{optimizer}`",
+        warmup_label="**no learning-rate warmup**" if warmup_steps == 0 else f"{warmup_steps} warmup steps",
+        warmup_steps=warmup_steps,
+        versions=_versions(),
+    )

@@ -1,0 +1,193 @@
+"""The recipes end to end on their offline ``--preset tiny``: Hub-ready folder and card, exact resume,
+start-up errors, and a 2-process CPU launch."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT2 = "pretrain_gpt2_openwebtext"
+VIT = "finetune_vit_imagenet"
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process recipe run starts from a clean accelerate singleton state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run(name: str, out: Path, *extra: str) -> dict:
+    return load_recipe(name).main(["--preset", "tiny", "--output_dir", str(out), *extra])
+
+
+def check_hub_folder(out: Path, metric_types: set[str], processor_file: str) -> dict:
+    """The folder has everything a Hub repo needs and a card whose metadata is a valid model-index."""
+    from huggingface_hub import ModelCard
+
+    for name in ("model.safetensors", "config.json", processor_file, "README.md", "all_results.json", "train_log.json",
+                 "plots/loss.png", "plots/cap.png"):
+        assert (out / name).is_file(), name
+    for png in ("plots/loss.png", "plots/cap.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = ModelCard.load(out / "README.md")
+    results = json.loads((out / "all_results.json").read_text())
+    eval_results = card.data.eval_results
+    assert {r.metric_type for r in eval_results} == metric_types
+    for r in eval_results:
+        assert r.dataset_split == "validation" and r.task_type
+    by_type = {r.metric_type: r.metric_value for r in eval_results}
+    assert by_type["loss"] == pytest.approx(results["eval_loss"])
+    assert {"hf_weyl", "adamw_weyl", "no-warmup"} <= set(card.data.tags)
+    text = card.text
+    assert "](plots/loss.png)" in text and "](plots/cap.png)" in text
+    assert "| optimizer | adamw_weyl |" in text and "| warmup steps | 0 (no warmup) |" in text and "| tau (τ) |" in text
+    assert "accelerate launch recipes/" in text and "--preset tiny" in text
+    return results
+
+
+def test_gpt2_tiny_writes_hub_ready_folder(tmp_path):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    out = tmp_path / "gpt2"
+    run(GPT2, out, "--max_train_steps", "4", "--eval_steps", "2", "--max_eval_batches", "2", "--logging_steps", "1",
+        "--with_tracking")
+    results = check_hub_folder(out, {"loss", "perplexity"}, "tokenizer.json")
+    assert results["perplexity"] == pytest.approx(torch.tensor(results["eval_loss"]).exp().item(), rel=1e-6)
+    log = json.loads((out / "train_log.json").read_text())
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all("cap/capped_fraction" in r and "lr" in r and "train_loss" in r for r in log)
+    assert all(0 <= r["cap/lr_ratio_min"] <= r["cap/lr_ratio_mean"] <= 1 for r in log)
+    assert log[0]["cap/capped_fraction"] > 0  # lr 6e-4 on fresh weights: the cap fires at step 1
+    assert "eval_loss" in log[1] and "eval_loss" in log[3]
+    # the cap statistics also reach TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = next((out / "runs").rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert {"cap/capped_fraction", "cap/lr_ratio_mean", "train_loss", "lr", "eval_loss"} <= set(acc.Tags()["scalars"])
+    # the folder loads back with transformers
+    model = GPT2LMHeadModel.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tokenizer)
+    assert not (out / "checkpoints").exists()
+
+
+def test_vit_tiny_writes_hub_ready_folder(tmp_path):
+    from transformers import ViTForImageClassification
+
+    out = tmp_path / "vit"
+    run(VIT, out, "--max_train_steps", "3", "--eval_steps", "3", "--max_eval_batches", "1", "--logging_steps", "1")
+    results = check_hub_folder(out, {"accuracy", "loss"}, "preprocessor_config.json")
+    assert 0 <= results["accuracy"] <= 1
+    model = ViTForImageClassification.from_pretrained(out)
+    assert model.config.id2label[3] == "3"
+    log = json.loads((out / "train_log.json").read_text())
+    assert "cap/capped_fraction" in log[0] and "accuracy" in log[-1]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_gpt2_resume_equals_uninterrupted(tmp_path):
+    """Checkpoint at step 3 of 6 (with gradient accumulation), resume into a fresh folder: same weights, same log."""
+    common = ["--max_train_steps", "6", "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "4",
+              "--eval_steps", "6", "--max_eval_batches", "1", "--logging_steps", "1"]
+    full = tmp_path / "full"
+    run(GPT2, full, *common, "--checkpointing_steps", "3")
+    checkpoints = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert checkpoints == ["step_3", "step_6"]  # atomic: no leftover temp folders
+    resumed = tmp_path / "resumed"
+    run(GPT2, resumed, *common, "--resume_from_checkpoint", str(full / "checkpoints" / "step_3"))
+    _same_weights(full, resumed)
+    assert json.loads((full / "train_log.json").read_text()) == json.loads((resumed / "train_log.json").read_text())
+
+
+def test_vit_resume_across_epochs_equals_uninterrupted(tmp_path):
+    """5 steps per epoch; resume at step 6 (epoch 1, one batch in) with ``latest``: same weights and log."""
+    common = ["--max_train_steps", "8", "--per_device_train_batch_size", "256", "--eval_steps", "8",
+              "--max_eval_batches", "1", "--logging_steps", "1"]
+    full = tmp_path / "full"
+    run(VIT, full, *common, "--checkpointing_steps", "3")
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.symlink(full / "checkpoints" / "step_6", resumed / "checkpoints" / "step_6")
+    (resumed / "checkpoints" / ".tmp_step_7").mkdir()  # an interrupted save is never picked
+    run(VIT, resumed, *common, "--resume_from_checkpoint", "latest")
+    _same_weights(full, resumed)
+    assert json.loads((full / "train_log.json").read_text()) == json.loads((resumed / "train_log.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "recipe, argv, message",
+    [
+        (GPT2, ["--preset", "huge"], "invalid choice: 'huge'"),
+        (VIT, ["--preset", "huge"], "invalid choice: 'huge'"),
+        (GPT2, ["--train_file", "/nonexistent/owt.jsonl"], "--train_file: no such file '/nonexistent/owt.jsonl'"),
+        (VIT, ["--train_dir", "/nonexistent/imagenet"], "--train_dir: no such directory '/nonexistent/imagenet'"),
+        (GPT2, ["--preset", "tiny", "--resume_from_checkpoint", "/nonexistent/step_5"], "no checkpoint folder '/nonexistent/step_5'"),
+        (VIT, ["--preset", "tiny", "--resume_from_checkpoint", "/nonexistent/step_5"], "no checkpoint folder '/nonexistent/step_5'"),
+        (GPT2, ["--preset", "tiny", "--tau", "0"], "--tau must be a finite number > 0"),
+        (GPT2, ["--preset", "tiny", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
+        (GPT2, ["--preset", "tiny", "--warmup_steps", "-1"], "--warmup_steps must be >= 0"),
+        (VIT, ["--preset", "tiny", "--label_smoothing", "1.5"], "--label_smoothing must be in [0, 1)"),
+    ],
+)
+def test_bad_arguments_fail_at_start_up(recipe, argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        load_recipe(recipe).main(["--output_dir", str(out), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing was started
+
+
+def test_resume_from_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_recipe(GPT2).main(["--preset", "tiny", "--output_dir", str(tmp_path / "o"), "--resume_from_checkpoint", str(tmp_path)])
+    assert "is not a checkpoint of these recipes" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_gpt2_two_process_cpu_launch(tmp_path):
+    out = tmp_path / "ddp"
+    # torchrun + ACCELERATE_USE_CPU: two real gloo ranks (accelerate's MULTI_CPU), as `accelerate launch`
+    # with a multi-CPU config sets up.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "recipes" / f"{GPT2}.py"), "--preset", "tiny", "--output_dir", str(out), "--max_train_steps", "3",
+           "--eval_steps", "3", "--max_eval_batches", "2", "--logging_steps", "1", "--checkpointing_steps", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["step"] == 3
+    card = (out / "README.md").read_text()
+    assert "| processes | 2 |" in card and "| effective batch size | 32 |" in card
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3"]
+    assert len(list((out / "checkpoints" / "step_3").glob("random_states_*.pkl"))) == 2  # one per rank
