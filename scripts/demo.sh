@@ -3,7 +3,7 @@
 # warmup twice on the same data and seed — AdamW² (adamw_weyl) and torch's AdamW — at a
 # learning rate where AdamW without warmup breaks down, then plot both. τ = 0.03 rather than the
 # paper's 0.01 for GPT: τ bounds the relative change of σ1 per step, and this run has 300 steps, not
-# 100K-600K (with τ = 0.01 AdamW² still wins here, by less: see docs/readme_recipes.md). Each run leaves a
+# 100K-600K (with τ = 0.01 AdamW² still wins here, by less: see the README's recipes section). Each run leaves a
 # Hub-ready folder with its model card; the comparison lands in $OUT (default results/demo).
 #
 #   bash scripts/demo.sh [OUT]        # LR, STEPS, TAU can be overridden from the environment

@@ -9,7 +9,7 @@ A block is flagged when, at one measurement, all three hold:
 3. ``sec{sec_rank}_max`` ≥ ``sec_level``.
 
 Sparse but full-rank attention (benign collapse) fails 3; slow healthy growth of σ1 fails 2.
-Defaults were set on real runs of the tiny GPT-2 preset (see ``docs/readme_monitor.md``): AdamW at
+Defaults were set on real runs of the tiny GPT-2 preset (``tests/test_monitor_collapse.py``): AdamW at
 lr 1e-2 without warmup collapses and is flagged; AdamWeyl at the same lr, and AdamW with warmup, are not.
 """
 
