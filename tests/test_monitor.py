@@ -139,8 +139,10 @@ def test_trainer_callback_logs_jsonl_and_rejects_unsupported(tmp_path):
     data = [{"input_ids": torch.randint(0, 50, (8,)).tolist()} for _ in range(32)]
     args = tf.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[],
                                 optim="adamw_weyl", learning_rate=1e-3, save_strategy="no", disable_tqdm=True, use_cpu=True)
-    collator = tf.DataCollatorForLanguageModeling(tokenizer=None, mlm=False) if False else (
-        lambda rows: {"input_ids": torch.tensor([r["input_ids"] for r in rows]), "labels": torch.tensor([r["input_ids"] for r in rows])})
+    def collator(rows):
+        ids = torch.tensor([r["input_ids"] for r in rows])
+        return {"input_ids": ids, "labels": ids}
+
     cb = WeylMonitorCallback(interval=2)
     tf.Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[cb]).train()
     assert [h["step"] for h in cb.history] == [1, 2, 4]
