@@ -182,7 +182,8 @@ class AdamWeyl(Optimizer):
         index = group.get(GROUP_INDEX, 0)
         built_with = self._built_with[index] if index < len(self._built_with) else []
         flats = group["params"]
-        if not flats or not any(is_zero_partition(f, built_with) for f in flats):
+        built_ids = {id(p) for p in built_with}
+        if not flats or not any(is_zero_partition(f, built_ids) for f in flats):
             return bool(built_with) and not flats  # ZeRO-3 empties the groups it is not stepping
         for flat in flats:
             layout = zero_layout(flat, built_with)

@@ -183,9 +183,11 @@ def _optimized(p: Tensor) -> bool:
     return p.requires_grad and numel > 0
 
 
-def is_zero_partition(flat: Tensor, originals: list[Tensor]) -> bool:
-    """True when a group's tensor is not one of the parameters it was built with (DeepSpeed replaced them)."""
-    return not any(flat is p for p in originals)
+def is_zero_partition(flat: Tensor, original_ids: set[int]) -> bool:
+    """True when a group's tensor is not one of the parameters it was built with (DeepSpeed replaced them).
+
+    ``original_ids`` are the ``id()``s of those parameters (a set: this runs on every step)."""
+    return id(flat) not in original_ids
 
 
 def _same_storage(view: Tensor, flat: Tensor) -> bool:
