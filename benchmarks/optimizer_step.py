@@ -7,6 +7,7 @@ CUDA: ``max_memory_allocated``).
 
     python benchmarks/optimizer_step.py                     # CPU, GPT-2 small shapes
     python benchmarks/optimizer_step.py --device cuda --dtype bf16
+    python benchmarks/optimizer_step.py --cpu_chunk_mib 0   # CPU without cache-sized chunks
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from hf_weyl import AdamWeyl
+from hf_weyl import AdamWeyl, functional
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,7 +94,7 @@ def peak_memory_child(name: str, device: str, dtype: str, power_iters: int) -> N
 
 def peak_memory(name: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--_child", name, "--device", args.device, "--dtype", args.dtype,
-           "--power_iters", str(args.power_iters)]
+           "--power_iters", str(args.power_iters), "--cpu_chunk_mib", str(args.cpu_chunk_mib)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -105,15 +106,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--power_iters", type=int, default=1)
+    parser.add_argument("--cpu_chunk_mib", type=float, default=functional.CPU_CHUNK_BYTES / 2**20,
+                        help="hf_weyl.functional.CPU_CHUNK_BYTES in MiB; 0 = one chunk (no cache blocking)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cpu_chunk_mib < 0:
+        parser.error(f"--cpu_chunk_mib must be >= 0, got {args.cpu_chunk_mib}")
+    functional.CPU_CHUNK_BYTES = int(args.cpu_chunk_mib * 2**20) if args.cpu_chunk_mib > 0 else sys.maxsize
     if args._child:
         peak_memory_child(args._child, args.device, args.dtype, args.power_iters)
         return
 
     n = sum(torch.Size(s).numel() for s in gpt2_small_shapes())
     print(f"GPT-2 small shapes: {len(gpt2_small_shapes())} tensors, {n / 1e6:.1f}M params, {args.dtype}, {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, power_iters={args.power_iters}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, power_iters={args.power_iters}, "
+          f"cpu_chunk_mib={args.cpu_chunk_mib:g}")
     # Memory first: a child inherits this process's RSS high-water mark across exec.
     mem = {name: peak_memory(name, args) for name in ("adamw", "adamweyl")}
     for name, m in mem.items():

@@ -12,9 +12,19 @@ step satisfies σ1(W_t − W_{t−1}) ≤ τ σ1(W_{t−1}) (up to the power-ite
 The denominator follows ``torch.optim.AdamW``: U = m̂ / (sqrt(v̂) + ε). With a τ that never binds,
 these functions reproduce AdamW to float rounding. The steps are split in phases so that the
 DeepSpeed ZeRO form (which computes σ across ranks) composes the same pieces.
+
+On the CPU, :func:`adamweyl_step` walks the tensors in cache-sized chunks (``CPU_CHUNK_BYTES`` of
+parameters each): moments, direction, both power iterations and the update of a chunk run while
+its tensors are still in the last-level cache, and the direction's work buffer is chunk-sized, so
+no model-sized buffer has its pages faulted in afresh every step; for bf16/fp16 parameters the
+buffer is fp32, so the direction enters the power iteration without a conversion copy.
+Chunks are cut between tensors (the cap is per tensor), so the result is the same element by
+element. On accelerators the whole list is one chunk (one fused foreach launch per op).
 """
 
 from __future__ import annotations
+
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -22,12 +32,20 @@ from torch import Tensor
 from .power_iteration import as_matrix, power_iteration_
 
 __all__ = [
+    "CPU_CHUNK_BYTES",
     "adam_direction",
     "adam_moments_",
     "adamweyl_step",
     "apply_capped_update_",
     "cap_ratio",
 ]
+
+
+#: On the CPU, :func:`adamweyl_step` processes consecutive tensors in chunks of at most this many
+#: parameter bytes (a larger tensor is a chunk of its own). 8 MiB keeps a chunk's parameters,
+#: gradients, moments and direction within a typical 32 MiB last-level cache, and keeps the
+#: direction buffer below glibc's largest mmap threshold so that it is recycled between chunks.
+CPU_CHUNK_BYTES = 8 << 20
 
 
 def adam_moments_(
@@ -58,19 +76,35 @@ def adam_direction(
     bias_corrections2: list[float],
     *,
     eps: float,
+    out: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[float]]:
     """The AdamW direction U = m̂ / (sqrt(v̂) + ε) as (D, s) with U = s·D per tensor.
 
     With c = sqrt(1−β2^t): U = (m/(1−β1^t)) / (sqrt(v)/c + ε) = (c/(1−β1^t)) · m / (sqrt(v) + cε),
     so D = m / (sqrt(v) + cε) and s = c/(1−β1^t). This costs four passes, as AdamW's own
-    denominator + addcdiv do, and one work buffer per tensor (the one AdamW allocates too).
+    denominator + addcdiv do, and one work buffer per tensor (the one AdamW allocates too), or
+    D is written into ``out`` (tensors shaped like the moments).
     """
     roots = [bc**0.5 for bc in bias_corrections2]
-    direction = torch._foreach_sqrt(exp_avg_sqs)
+    if out is None:
+        direction = torch._foreach_sqrt(exp_avg_sqs)
+    else:
+        torch._foreach_copy_(out, exp_avg_sqs)
+        torch._foreach_sqrt_(out)
+        direction = out
     torch._foreach_add_(direction, [eps * c for c in roots])
     torch._foreach_reciprocal_(direction)
     torch._foreach_mul_(direction, exp_avgs)
     return direction, [c / bc for c, bc in zip(roots, bias_corrections1)]
+
+
+def _fp32(tensors: list[Tensor], scratch: list[Tensor] | None, idx: list[int]) -> list[Tensor]:
+    """Matrix views of ``tensors``, copied into ``scratch[idx]`` (fp32) when given."""
+    if scratch is None:
+        return [as_matrix(t) for t in tensors]
+    targets = [scratch[i] for i in idx]
+    torch._foreach_copy_(targets, tensors)
+    return [as_matrix(t) for t in targets]
 
 
 def cap_ratio(sigma_weight: Tensor, sigma_update: Tensor, capped: Tensor, *, lr: float, tau: float) -> Tensor:
@@ -124,17 +158,86 @@ def adamweyl_step(
 
     Returns (lr ratio, σ_W, σ_U) per tensor as fp32 tensors on the device (σ = 0 where not capped).
     """
+    lists = (params, grads, exp_avgs, exp_avg_sqs, steps, weight_vectors, update_vectors)
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, tau=tau, power_iters=power_iters)
+    if params[0].device.type != "cpu":
+        return _step_chunk(*lists, **hyper)
+    bounds = _chunk_bounds(params, CPU_CHUNK_BYTES)
+    # Work buffers shared by all chunks, allocated (and their pages touched) once per step: the
+    # direction, and for bf16/fp16 an fp32 copy of the matrix under power iteration.
+    numel = max(sum(t.numel() for t in params[a:b]) for a, b in bounds)
+    work = exp_avg_sqs[0].new_empty(numel)
+    low_precision = torch.promote_types(work.dtype, torch.float32) != work.dtype
+    scratch = work.new_empty(numel, dtype=torch.float32) if low_precision else None
+    results = []
+    for a, b in bounds:
+        results.append(
+            _step_chunk(
+                *(seq[a:b] for seq in lists),
+                **hyper,
+                out=_views(work, params[a:b]),
+                fp32_scratch=None if scratch is None else _views(scratch, params[a:b]),
+            )
+        )
+    if len(results) == 1:
+        return results[0]
+    return tuple(torch.cat(parts) for parts in zip(*results))  # type: ignore[return-value]
+
+
+def _views(buffer: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """Consecutive views of a flat buffer shaped like ``like``."""
+    offsets = accumulate((t.numel() for t in like), initial=0)
+    return [buffer[o : o + t.numel()].view(t.shape) for o, t in zip(offsets, like)]
+
+
+def _chunk_bounds(tensors: list[Tensor], max_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive tensors with at most ``max_bytes`` each (≥ 1 tensor per range)."""
+    bounds, start, size = [], 0, 0
+    for i, t in enumerate(tensors):
+        nbytes = t.numel() * t.element_size()
+        if i > start and size + nbytes > max_bytes:
+            bounds.append((start, i))
+            start, size = i, 0
+        size += nbytes
+    bounds.append((start, len(tensors)))
+    return bounds
+
+
+def _step_chunk(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    weight_vectors: list[Tensor | None],
+    update_vectors: list[Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    tau: float,
+    power_iters: int,
+    out: list[Tensor] | None = None,
+    fp32_scratch: list[Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`adamweyl_step` on one chunk of tensors; the direction goes to ``out`` if given.
+
+    ``fp32_scratch`` (tensors shaped like ``params``) receives fp32 copies of low-precision
+    matrices for the power iteration, instead of a fresh allocation per matrix.
+    """
     device = params[0].device
     bc1, bc2 = adam_moments_(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2)
-    directions, scales = adam_direction(exp_avgs, exp_avg_sqs, bc1, bc2, eps=eps)
+    directions, scales = adam_direction(exp_avgs, exp_avg_sqs, bc1, bc2, eps=eps, out=out)
 
     n = len(params)
     sigma_w = torch.zeros(n, dtype=torch.float32, device=device)
     sigma_u = torch.zeros(n, dtype=torch.float32, device=device)
     idx = [i for i, v in enumerate(weight_vectors) if v is not None]
     if idx:
-        sw = power_iteration_([as_matrix(params[i]) for i in idx], [weight_vectors[i] for i in idx], power_iters)
-        su = power_iteration_([as_matrix(directions[i]) for i in idx], [update_vectors[i] for i in idx], power_iters)
+        sw = power_iteration_(_fp32([params[i] for i in idx], fp32_scratch, idx), [weight_vectors[i] for i in idx], power_iters)
+        su = power_iteration_(_fp32([directions[i] for i in idx], fp32_scratch, idx), [update_vectors[i] for i in idx], power_iters)
         index = torch.tensor(idx, device=device)
         sigma_w.index_copy_(0, index, sw)
         sigma_u.index_copy_(0, index, su * torch.tensor([scales[i] for i in idx], device=device))  # σ1(sD) = s σ1(D)

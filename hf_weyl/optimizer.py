@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+import warnings
 from itertools import chain
 from typing import Any
 
@@ -176,6 +177,28 @@ class AdamWeyl(Optimizer):
         self.param_groups[-1][GROUP_INDEX] = len(self._built_with)
         self._built_with.append(list(self.param_groups[-1]["params"]))
 
+    def _repair_group_indices(self) -> None:
+        """Give every group back its own index after DeepSpeed's ZeRO-3 universal-checkpoint load.
+
+        That load (DeepSpeed 0.19: ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) copies
+        param group 0's entries into every group, our group index included. ZeRO-3 keeps the groups in
+        their original order (ZeRO-1/2 narrow ``param_groups`` to one group per call, so this never fires
+        there), which lets us restore the indices by position.
+        """
+        groups = self.param_groups
+        indices = [g.get(GROUP_INDEX) for g in groups]
+        if len(groups) < 2 or len(groups) != len(self._built_with) or len(set(indices)) == len(indices):
+            return
+        for i, g in enumerate(groups):
+            g[GROUP_INDEX] = i
+        warnings.warn(
+            "AdamWeyl: every param group carried param group 0's entries (what DeepSpeed's ZeRO-3 universal-"
+            "checkpoint load does); AdamWeyl restored its own group bookkeeping, but hyperparameters such as "
+            f"weight_decay are now group 0's in every group: {[g['weight_decay'] for g in groups]}. Set them "
+            "again after loading if your groups differ (e.g. no weight decay for biases and norms).",
+            stacklevel=3,
+        )
+
     def _zero_group_step(self, group: dict[str, Any]) -> bool:
         """If DeepSpeed ZeRO replaced this group's parameters by flat fp32 partitions, step them with
         collectively computed σ's (``hf_weyl.zero``) and return True; False for an ordinary group."""
@@ -231,6 +254,7 @@ class AdamWeyl(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._repair_group_indices()
         all_params, ratios, sws, sus, caps = [], [], [], [], []
         for group in self.param_groups:
             if self._zero_group_step(group):

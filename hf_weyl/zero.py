@@ -27,11 +27,14 @@ If the mapping cannot be found or does not check out, we raise rather than fall 
 flat chunks.
 
 The power-iteration vectors are replicated on every rank and stored in the state of the flat
-partition as one 2-D fp32 tensor (``zero_weyl_vectors``, row 0 for W, row 1 for U) plus the
-vector lengths (``zero_weyl_vector_lengths``): DeepSpeed checkpoints keep them (bit-identical
-resume); universal-checkpoint conversion only carries ``exp_avg``, ``exp_avg_sq``, fp32 weights and
-``step``, ignores them, and after a change of world size they are re-initialised (cold start with
-``cold_start_iters`` iterations).
+partition under ``zero_weyl``: a dict holding one 2-D fp32 tensor (``"vectors"``, row 0 for W,
+row 1 for U) and the vector lengths (``"lengths"``, a list of ints). DeepSpeed checkpoints keep it
+(bit-identical resume). It is a dict, not a tensor, on purpose: universal-checkpoint conversion
+(``ds_to_universal``) cuts every *tensor* of a flat partition's state at the partition padding,
+which would break a (2, Σk) tensor, while it passes other values through and extracts only
+``exp_avg``, ``exp_avg_sq``, fp32 weights and ``step``. After loading a universal checkpoint (e.g.
+on another number of ranks) the vectors are therefore absent and start cold (``cold_start_iters``
+iterations); everything else continues exactly.
 """
 
 from __future__ import annotations
@@ -68,8 +71,7 @@ SIGMA_MODES = ("vector_reduce", "gather")
 TESTED_DEEPSPEED = ((0, 19), (0, 20))
 
 #: Optimizer-state keys kept on each flat partition.
-VECTORS_KEY = "zero_weyl_vectors"
-LENGTHS_KEY = "zero_weyl_vector_lengths"
+VECTORS_KEY = "zero_weyl"
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -399,14 +401,16 @@ def _dims(shape: torch.Size) -> tuple[int, int]:
 
 def _vectors(state: dict[str, Any], lengths: list[int], device: torch.device) -> tuple[Tensor, bool]:
     """The (2, Σk) replicated vector buffer; re-initialised (cold) when missing or laid out differently."""
-    want = torch.tensor(lengths, dtype=torch.int64)
-    have = state.get(LENGTHS_KEY)
-    if have is not None and VECTORS_KEY in state and torch.equal(have.cpu(), want):
-        return state[VECTORS_KEY], False
+    saved = state.get(VECTORS_KEY)
+    if isinstance(saved, dict) and [int(k) for k in saved.get("lengths", ())] == lengths:
+        vectors = saved["vectors"]
+        if vectors.device != device or vectors.dtype != torch.float32:  # e.g. loaded onto the CPU
+            saved["vectors"] = vectors = vectors.to(device=device, dtype=torch.float32)
+        return vectors, False
     row = torch.cat([initial_vector(k) for k in lengths]) if lengths else torch.zeros(0)
-    state[VECTORS_KEY] = torch.stack([row, row.clone()]).to(device)
-    state[LENGTHS_KEY] = want
-    return state[VECTORS_KEY], True
+    vectors = torch.stack([row, row.clone()]).to(device)
+    state[VECTORS_KEY] = {"vectors": vectors, "lengths": list(lengths)}
+    return vectors, True
 
 
 @torch.no_grad()
@@ -428,6 +432,9 @@ def zero_step(optimizer: Any, group: dict[str, Any], flat: Tensor, layout: ZeroL
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+    # A fresh step counter each step: DeepSpeed's ZeRO-3 universal-checkpoint load puts one and the same
+    # step tensor into the state of every sub-group, and an in-place increment would count it twice.
+    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device="cpu").clone()
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
     (bc1,), (bc2,) = adam_moments_(

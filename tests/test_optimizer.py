@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_gpt2, token_batches
-from hf_weyl import AdamWeyl
+from hf_weyl import AdamWeyl, functional, power_iteration
 
 
 class ReferenceAdamW2:
@@ -100,10 +100,14 @@ def test_default_power_iteration_stays_close_to_reference():
     assert max_rel_diff(model, ref_model) < 0.05
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 4096], ids=["one_chunk", "many_chunks"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_tau_that_never_binds_is_adamw(dtype, tol):
+def test_tau_that_never_binds_is_adamw(dtype, tol, chunk_bytes, monkeypatch):
     """fp64 shows the algebra is AdamW's; fp32 shows float rounding (Adam amplifies 1-ulp differences
-    in near-zero-gradient coordinates, so the fp32 bound is looser than one step's rounding)."""
+    in near-zero-gradient coordinates, so the fp32 bound is looser than one step's rounding).
+    ``many_chunks`` runs the CPU step in cache-sized chunks of a few tensors each."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(functional, "CPU_CHUNK_BYTES", chunk_bytes)
     batches = token_batches(20)
     m1 = make_tiny_gpt2(dtype=dtype)
     m2 = copy.deepcopy(m1)
@@ -185,6 +189,30 @@ def test_state_dict_round_trip_continues_bit_identically(dtype):
     for sa, sb in zip(opt.state.values(), resumed_opt.state.values()):
         for key in sa:
             assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_chunks_give_the_one_chunk_trajectory_bit_identically(dtype, monkeypatch):
+    """Chunked CPU steps (shared work buffers, fp32 scratch for bf16) change nothing but memory traffic.
+
+    Stacking same-shape small matrices into one bmm is switched off: chunking may split a stack, and
+    bmm and mv round differently; everything else must be bit-identical."""
+    monkeypatch.setattr(power_iteration, "BATCHED_MAX_NUMEL", 0)
+    batches = token_batches(10)
+    m1 = make_tiny_gpt2(dtype=dtype)
+    m2 = copy.deepcopy(m1)
+    o1 = AdamWeyl(m1.parameters(), lr=1e-2, tau=0.01)
+    o2 = AdamWeyl(m2.parameters(), lr=1e-2, tau=0.01)
+    for batch in batches:
+        for m, o, chunk in ((m1, o1, 1 << 62), (m2, o2, 4096)):
+            monkeypatch.setattr(functional, "CPU_CHUNK_BYTES", chunk)
+            o.zero_grad()
+            lm_loss(m, batch).float().backward()
+            o.step()
+        assert o1.last_stats.num_capped > 0
+        assert torch.equal(o2.last_stats.lr_ratio, o1.last_stats.lr_ratio)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_bf16_parameters_train_with_fp32_sigma():

@@ -24,6 +24,8 @@ pytest.importorskip("deepspeed")
 
 SCRIPTS = Path(__file__).parent / "zero_scripts"
 ZERO_CHECKS = [f"equal_zero{s}_{m}" for s in (1, 2, 3) for m in SIGMA_MODES] + [
+    "equal_zero2_bf16",
+    "equal_zero3_bf16",
     "resume_zero2",
     "resume_zero3",
     "inf_one_rank_zero2_fp32",
@@ -48,11 +50,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(script: str, out: Path, timeout: int = 420) -> dict[str, str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(SCRIPTS / script), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+DS_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def _run(args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=DS_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun(script: str, out: Path, *args: str, ranks: int = 2, timeout: int = 420) -> dict[str, str]:
+    proc = _run(["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(_free_port()),
+                 str(SCRIPTS / script), *args, str(out)], timeout)
     if not out.exists():
         pytest.fail(f"{script} wrote no results (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -66,6 +73,20 @@ def zero_results(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trainer_results(tmp_path_factory):
     return _torchrun("trainer_route.py", tmp_path_factory.mktemp("trainer") / "results.json")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_universal_checkpoint_changes_world_size(stage, tmp_path):
+    """2 ranks → DeepSpeed checkpoint → ds_to_universal → 1 rank: continues as the single-process run whose
+    power-iteration vectors restart cold at the conversion (see tests/zero_scripts/universal_checkpoint.py)."""
+    folder = tmp_path / "ckpt"
+    saved = _torchrun("universal_checkpoint.py", tmp_path / "save.json", "save", str(folder), str(stage))
+    assert saved["result"] == "ok", saved["result"]
+    convert = _run(["-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
+                    "--input_folder", str(folder / "t2"), "--output_folder", str(folder / "t2_universal")])
+    assert convert.returncode == 0, convert.stdout[-3000:] + convert.stderr[-3000:]
+    loaded = _torchrun("universal_checkpoint.py", tmp_path / "load.json", "load", str(folder), str(stage), ranks=1)
+    assert loaded["result"] == "ok", loaded["result"]
 
 
 @pytest.mark.parametrize("check", ZERO_CHECKS)

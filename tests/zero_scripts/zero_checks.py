@@ -163,6 +163,50 @@ def check_equal(stage, mode, steps=3):
     assert all(len(g["params"]) <= 1 for g in unwrap_adamweyl(engine.optimizer).param_groups)
 
 
+def reference_bf16(steps):
+    """Mixed precision as DeepSpeed's bf16 mode does it: bf16 forward/backward, fp32 master weights and
+    AdamWeyl state. Gradients are summed in fp32 here; DeepSpeed's own accumulation and reduction
+    rounding differ, so the comparison is at bf16 tolerance."""
+    master = make_model()
+    work = make_model().to(torch.bfloat16)
+    opt = AdamWeyl(groups(master), lr=LR, tau=TAU, betas=(0.9, 0.95))
+    for step in range(steps):
+        with torch.no_grad():
+            for w, m in zip(work.parameters(), master.parameters()):
+                w.copy_(m)
+        grads = [torch.zeros_like(m) for m in master.parameters()]
+        for micro in range(GAS):
+            x, y = batch(step, micro)
+            work.zero_grad()
+            (loss_fn(work, x.bfloat16(), y.bfloat16()) / GAS).backward()
+            for g, w in zip(grads, work.parameters()):
+                g += w.grad.float()
+        for m, g in zip(master.parameters(), grads):
+            m.grad = g
+        torch.nn.utils.clip_grad_norm_(master.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    return master, opt
+
+
+def check_equal_bf16(stage, steps=3, tol=2e-2):
+    engine = make_engine(stage, bf16={"enabled": True})
+    train_ds(engine, steps)
+    ref_model, ref_opt = reference_bf16(steps)
+    got = full_weights(engine, stage)
+    for name, want in ref_model.named_parameters():
+        g = got[name].float()
+        err = float((g - want).norm() / want.norm())
+        assert err < tol, f"ZeRO-{stage} bf16 {name}: relative difference {err:.3g} (tolerance {tol})"
+    ref_stats, ds_stats = stats_by_name(ref_model, ref_opt), stats_by_name(engine.module, engine.optimizer)
+    assert any(r < 1 for r, *_ in ref_stats.values()), "the cap never bound"
+    for name, (r, sw, su, c) in ref_stats.items():
+        r2, sw2, su2, c2 = ds_stats[name]
+        assert c == c2, name
+        for a, b, what in ((r, r2, "ratio"), (sw, sw2, "sigma_w"), (su, su2, "sigma_u")):
+            assert abs(a - b) <= tol * abs(a) + 1e-6, f"{name} {what}: single {a} vs ZeRO-{stage} bf16 {b}"
+
+
 def check_resume(stage):
     ckpt = os.path.join(tempfile.gettempdir(), f"hf_weyl_zero_resume_{stage}_{os.environ.get('MASTER_PORT', '0')}")
     engine = make_engine(stage)
@@ -171,7 +215,7 @@ def check_resume(stage):
     train_ds(engine, 2, first_step=2)
     want = full_weights(engine, stage)
     want_vectors = [
-        s["zero_weyl_vectors"].clone() for s in unwrap_adamweyl(engine.optimizer).state.values() if "zero_weyl_vectors" in s
+        s["zero_weyl"]["vectors"].clone() for s in unwrap_adamweyl(engine.optimizer).state.values() if "zero_weyl" in s
     ]
     engine2 = make_engine(stage, seed=123)  # different init: everything must come from the checkpoint
     engine2.load_checkpoint(ckpt, tag="t2")
@@ -180,7 +224,7 @@ def check_resume(stage):
     for name in want:
         assert torch.equal(got[name], want[name]), f"ZeRO-{stage} resume: {name} differs"
     got_vectors = [
-        s["zero_weyl_vectors"] for s in unwrap_adamweyl(engine2.optimizer).state.values() if "zero_weyl_vectors" in s
+        s["zero_weyl"]["vectors"] for s in unwrap_adamweyl(engine2.optimizer).state.values() if "zero_weyl" in s
     ]
     assert len(got_vectors) == len(want_vectors) > 0
     assert all(torch.equal(a, b) for a, b in zip(got_vectors, want_vectors)), "power-iteration vectors differ"
@@ -241,6 +285,7 @@ def check_accelerate(stage=2):
 
 CHECKS = {
     **{f"equal_zero{s}_{m}": (lambda s=s, m=m: check_equal(s, m)) for s in (1, 2, 3) for m in hf_weyl.zero.SIGMA_MODES},
+    **{f"equal_zero{s}_bf16": (lambda s=s: check_equal_bf16(s)) for s in (2, 3)},
     "resume_zero2": lambda: check_resume(2),
     "resume_zero3": lambda: check_resume(3),
     "inf_one_rank_zero2_fp32": lambda: check_inf_one_rank(2),
