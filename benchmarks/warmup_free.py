@@ -11,6 +11,7 @@ non-finite. Reported per method and lr (mean over seeds): final validation loss 
 steps only, monitor excluded).
 
     python benchmarks/warmup_free.py --tasks gpt2 vit --seeds 0 1 --output docs/benchmarks_warmup_free.md
+    python benchmarks/warmup_free.py --from_json seed0.json seed1.json --img_dir docs/img   # merge runs
 
 Prints a markdown table and writes it, the raw results (JSON) and plots (``--img_dir``).
 """
@@ -248,6 +249,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="markdown file for the table (default: print only)")
     p.add_argument("--json", default=None, help="raw results (with histories) as JSON")
     p.add_argument("--img_dir", default=None, help="folder for the PNG plots")
+    p.add_argument("--from_json", nargs="+", default=None, metavar="FILE",
+                   help="train nothing: merge the results of earlier --json files (e.g. one per seed) into one table")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
@@ -260,11 +263,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def load_results(paths: list[str]) -> list[RunResult]:
+    """RunResults from ``--json`` files; a run (task, method, lr, seed) present twice is an error."""
+    results, seen = [], {}
+    for path in paths:
+        with open(path) as f:
+            for raw in json.load(f):
+                r = RunResult(**raw)
+                key = (r.task, r.method, r.lr, r.seed)
+                if key in seen:
+                    raise SystemExit(f"run {key} is in both {seen[key]} and {path}")
+                seen[key] = path
+                results.append(r)
+    return results
+
+
 def main(argv=None) -> list[RunResult]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    results: list[RunResult] = []
-    for task in args.tasks:
+    results: list[RunResult] = load_results(args.from_json) if args.from_json else []
+    for task in [] if args.from_json else args.tasks:
         data = load_task(task)
         for lr in args.lrs or DEFAULT_LRS[task]:
             for method in args.methods:

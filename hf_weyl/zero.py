@@ -250,6 +250,9 @@ def zero_layout(flat: Tensor, originals: list[Tensor]) -> ZeroLayout:
     _check_deepspeed_version()
     params = [p for p in originals if _optimized(p)]
     if params and all(hasattr(p, "ds_id") for p in params) and hasattr(flat, "ds_id"):
+        z3 = next((p._z3_optimizer for p in params if getattr(p, "_z3_optimizer", None) is not None), None)
+        if z3 is not None and getattr(z3, "offload_optimizer", False):  # bare deepspeed.initialize lets it through
+            check_deepspeed_config({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
         return _zero3_layout(flat, params)
     if params and all(hasattr(p, "_hp_mapping") and hasattr(p, "_dp_group") for p in params):
         zero_opt = next((p._zero_optimizer for p in params if getattr(p, "_zero_optimizer", None) is not None), None)

@@ -33,6 +33,7 @@ ZERO_CHECKS = [f"equal_zero{s}_{m}" for s in (1, 2, 3) for m in SIGMA_MODES] + [
     "inf_one_rank_zero3_fp32",
     "refuse_round_robin",
     "refuse_offload",
+    "refuse_offload_zero3",
     "accelerate_zero2",
 ]
 TRAINER_CHECKS = [

@@ -297,6 +297,9 @@ CHECKS = {
     "refuse_offload": lambda: check_refuses(
         2, "offload_optimizer", zero={"offload_optimizer": {"device": "cpu"}}, zero_force_ds_cpu_optimizer=False
     ),
+    "refuse_offload_zero3": lambda: check_refuses(
+        3, "offload_optimizer", zero={"offload_optimizer": {"device": "cpu"}}, zero_force_ds_cpu_optimizer=False
+    ),
     "accelerate_zero2": check_accelerate,  # last: it creates accelerate's global state
 }
 
