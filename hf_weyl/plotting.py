@@ -69,6 +69,7 @@ def plot_cap_stats(log: Log, path: str | Path, title: str = "AdamW² cap") -> Pa
     ax_frac.set_ylabel("fraction of tensors capped")
     ax_frac.set_title(title + ": capped tensors")
     ax_frac.grid(alpha=0.3)
+    positive = False
     for key, label, style in (
         ("lr", "scheduled lr", "k-"),
         ("cap/effective_lr_mean", "effective lr (mean over tensors)", "-"),
@@ -77,7 +78,9 @@ def plot_cap_stats(log: Log, path: str | Path, title: str = "AdamW² cap") -> Pa
         s, v = series(log, key)
         if s:
             ax_lr.plot(s, v, style, label=label)
-    ax_lr.set_yscale("log")
+            positive = positive or any(x > 0 for x in v)
+    if positive:  # a log axis needs a positive value (a run that is all lr = 0 gets a linear one)
+        ax_lr.set_yscale("log")
     ax_lr.set_xlabel("optimizer step")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_title("scheduled vs effective lr")
