@@ -38,6 +38,7 @@ __all__ = [
     "adamweyl_step",
     "apply_capped_update_",
     "cap_ratio",
+    "is_capped",
 ]
 
 
@@ -46,6 +47,15 @@ __all__ = [
 #: gradients, moments and direction within a typical 32 MiB last-level cache, and keeps the
 #: direction buffer below glibc's largest mmap threshold so that it is recycled between chunks.
 CPU_CHUNK_BYTES = 8 << 20
+
+
+def is_capped(shape: torch.Size | tuple[int, ...], cap_vectors: bool) -> bool:
+    """Whether AdamW² caps a tensor of this shape: matrices (≥2-D), and 1-D tensors if ``cap_vectors``.
+
+    Tensors with no elements have no σ1 and are never capped."""
+    if 0 in shape:
+        return False
+    return len(shape) >= 2 or (cap_vectors and len(shape) == 1)
 
 
 def adam_moments_(

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .functional import adamweyl_step
+from .functional import adamweyl_step, is_capped
 from .power_iteration import initial_vector, vector_length
 from .zero import SIGMA_MODES, check_active_deepspeed_config, is_zero_partition, zero_layout, zero_step
 
@@ -273,7 +273,7 @@ class AdamWeyl(Optimizer):
                 buckets.setdefault((p.device, p.dtype), []).append(p)
 
             for params in buckets.values():
-                capped_flags = [p.ndim >= 2 or (group["cap_vectors"] and p.ndim == 1) for p in params]
+                capped_flags = [is_capped(p.shape, group["cap_vectors"]) for p in params]
                 cold = any([self._init_state(p, c) for p, c in zip(params, capped_flags)])
                 states = [self.state[p] for p in params]
                 iters = max(group["power_iters"], group["cold_start_iters"]) if cold else group["power_iters"]

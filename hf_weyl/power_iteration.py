@@ -43,8 +43,8 @@ _TINY = torch.finfo(torch.float32).tiny
 def as_matrix(t: Tensor) -> Tensor:
     """The matrix whose σ1 AdamW² controls: ``(shape[0], rest)`` for ≥2-D tensors, ``(1, n)`` for vectors."""
     if t.ndim >= 2:
-        return t.reshape(t.shape[0], -1)
-    return t.reshape(1, -1)
+        return t.reshape(t.shape[0], torch.Size(t.shape[1:]).numel())  # explicit: -1 is ambiguous for empty tensors
+    return t.reshape(1, t.numel())
 
 
 def vector_length(shape: torch.Size | tuple[int, ...]) -> int:

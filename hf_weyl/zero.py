@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .functional import adam_direction, adam_moments_, apply_capped_update_, cap_ratio
+from .functional import adam_direction, adam_moments_, apply_capped_update_, cap_ratio, is_capped
 from .power_iteration import as_matrix, initial_vector, power_iteration_, vector_length
 
 __all__ = [
@@ -392,10 +392,6 @@ def _sigma_gather(
 # --------------------------------------------------------------------------------------------
 
 
-def _capped(shape: torch.Size, cap_vectors: bool) -> bool:
-    return len(shape) >= 2 or (cap_vectors and len(shape) == 1)
-
-
 def _dims(shape: torch.Size) -> tuple[int, int]:
     if len(shape) >= 2:
         return int(shape[0]), int(torch.Size(shape[1:]).numel())
@@ -446,7 +442,7 @@ def zero_step(optimizer: Any, group: dict[str, Any], flat: Tensor, layout: ZeroL
     # U = scale · direction (see hf_weyl.functional.adam_direction)
     (direction,), (scale,) = adam_direction([state["exp_avg"]], [state["exp_avg_sq"]], [bc1], [bc2], eps=group["eps"])
 
-    capped = [_capped(s, group["cap_vectors"]) for s in layout.shapes]
+    capped = [is_capped(s, group["cap_vectors"]) for s in layout.shapes]
     idx = [i for i, c in enumerate(capped) if c]
     lengths = [vector_length(layout.shapes[i]) for i in idx]
     buf, cold = _vectors(state, lengths, flat.device)

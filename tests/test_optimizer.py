@@ -191,6 +191,31 @@ def test_state_dict_round_trip_continues_bit_identically(dtype):
             assert torch.equal(sa[key], sb[key]), key
 
 
+@pytest.mark.parametrize("chunk_bytes", [1 << 62, 64])
+def test_odd_layouts_channels_last_transposed_and_empty_match_adamw(chunk_bytes, monkeypatch):
+    """Non-contiguous and channels-last parameters keep their layout; an empty matrix is not capped."""
+    monkeypatch.setattr(functional, "CPU_CHUNK_BYTES", chunk_bytes)
+
+    def make():
+        torch.manual_seed(0)
+        conv = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+        return [torch.nn.Parameter(t) for t in (conv, torch.randn(6, 5).t(), torch.zeros(0, 3), torch.randn(7))]
+
+    p1, p2 = make(), make()
+    o1 = torch.optim.AdamW(p1, lr=1e-2, foreach=True)
+    o2 = AdamWeyl(p2, lr=1e-2, tau=1e30, cap_vectors=True)
+    for i in range(5):
+        for params, opt in ((p1, o1), (p2, o2)):
+            gen = torch.Generator().manual_seed(i)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert p2[0].is_contiguous(memory_format=torch.channels_last) and not p2[1].is_contiguous()
+    assert o2.last_stats.capped.tolist() == [True, True, False, True]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_chunks_give_the_one_chunk_trajectory_bit_identically(dtype, monkeypatch):
     """Chunked CPU steps (shared work buffers, fp32 scratch for bf16) change nothing but memory traffic.
