@@ -24,14 +24,13 @@ import traceback
 import warnings
 
 import deepspeed
-import torch
 import torch.distributed as dist
 
 from hf_weyl import AdamWeyl, unwrap_adamweyl
 from hf_weyl.optimizer import GROUP_INDEX, UPDATE_VECTOR, WEIGHT_VECTOR
 
 sys.path.insert(0, os.path.dirname(__file__))
-from zero_checks import GAS, LR, MICRO, TAU, WORLD, assert_close, batch, full_weights, groups, loss_fn, make_model  # noqa: E402
+from zero_checks import GAS, LR, MICRO, TAU, WORLD, assert_close, batch, full_weights, groups, loss_fn, make_model, reference  # noqa: E402
 
 GLOBAL_MICRO = WORLD * MICRO  # samples per micro-step over all ranks, kept when the world size changes
 TAG = "t2"
@@ -68,22 +67,18 @@ def train(engine, steps: int, first_step: int = 0) -> None:
 def reference_with_vectors_dropped(steps_before: int, steps_after: int, group0_everywhere: bool = False):
     """Single process; after ``steps_before`` steps the vectors are dropped and, with
     ``group0_everywhere``, every group takes group 0's hyperparameters (DeepSpeed's ZeRO-3 universal load)."""
-    model = make_model()
-    opt = AdamWeyl(groups(model), lr=LR, tau=TAU, betas=(0.9, 0.95))
-    for step in range(steps_before + steps_after):
-        if step == steps_before:
-            for state in opt.state.values():
-                state.pop(WEIGHT_VECTOR, None)
-                state.pop(UPDATE_VECTOR, None)
-            if group0_everywhere:
-                for group in opt.param_groups[1:]:
-                    group.update({k: v for k, v in opt.param_groups[0].items() if k not in ("params", GROUP_INDEX)})
-        for micro in range(GAS):
-            x, y = batch(step, micro)
-            (loss_fn(model, x, y) / GAS).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+
+    def after_conversion(step, opt):
+        if step != steps_before:
+            return
+        for state in opt.state.values():
+            state.pop(WEIGHT_VECTOR, None)
+            state.pop(UPDATE_VECTOR, None)
+        if group0_everywhere:
+            for group in opt.param_groups[1:]:
+                group.update({k: v for k, v in opt.param_groups[0].items() if k not in ("params", GROUP_INDEX)})
+
+    model, _ = reference(steps_before + steps_after, before_step=after_conversion)
     return model
 
 

@@ -85,11 +85,14 @@ def ds_config(stage, **extra):
     return cfg
 
 
-def reference(steps, sigma_mode="vector_reduce"):
-    """Single-process AdamWeyl: weights by name and last σ's by name."""
+def reference(steps, sigma_mode="vector_reduce", before_step=None):
+    """Single-process AdamWeyl: (model, optimizer) after ``steps`` steps; ``before_step(step, opt)`` may
+    change the optimizer before each step."""
     model = make_model()
     opt = AdamWeyl(groups(model), lr=LR, tau=TAU, betas=(0.9, 0.95))
     for step in range(steps):
+        if before_step is not None:
+            before_step(step, opt)
         for micro in range(GAS):
             x, y = batch(step, micro)
             (loss_fn(model, x, y) / GAS).backward()
