@@ -263,6 +263,26 @@ def resolve_checkpoint(spec: str | None, output_dir: str) -> Path | None:
     return found[-1] if found else None
 
 
+def prepare_training(accelerator: Any, model: torch.nn.Module, train_dataloader: Any, eval_dataloader: Any,
+                     args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any, TrainLog]:
+    """Optimizer and scheduler from ``args``, ``accelerator.prepare`` of everything, a checkpointed
+    :class:`TrainLog`, and the resume from ``--resume_from_checkpoint`` if asked.
+
+    Returns ``(model, optimizer, train_dataloader, eval_dataloader, scheduler, log)``."""
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, accelerator.num_processes)
+    model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, scheduler
+    )
+    log = TrainLog()
+    accelerator.register_for_checkpointing(log)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is not None:
+        accelerator.print(f"Resuming from {checkpoint}")
+        accelerator.load_state(str(checkpoint))
+    return model, optimizer, train_dataloader, eval_dataloader, scheduler, log
+
+
 def train(
     accelerator: Any,
     model: torch.nn.Module,

@@ -33,8 +33,8 @@ from hf_weyl.data import image_transform, load_image_datasets
 from hf_weyl.metrics import load_metric
 from hf_weyl.model_card import CardMetric, render_model_card, training_hyperparameters
 from hf_weyl.recipe import (
-    TrainLog, add_training_args, build_optimizer, build_scheduler, check_training_args, make_accelerator,
-    reproduce_command, resolve_checkpoint, save_hub_folder, script_argv, train,
+    add_training_args, check_training_args, make_accelerator, prepare_training, reproduce_command,
+    save_hub_folder, script_argv, train,
 )
 
 logger = get_logger(__name__)
@@ -172,17 +172,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         steps_per_epoch = -(-len(train_dataloader) // (args.gradient_accumulation_steps * accelerator.num_processes))
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
 
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args, accelerator.num_processes)
-    model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader, scheduler
+    model, optimizer, train_dataloader, eval_dataloader, scheduler, log = prepare_training(
+        accelerator, model, train_dataloader, eval_dataloader, args
     )
-    log = TrainLog()
-    accelerator.register_for_checkpointing(log)
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if checkpoint is not None:
-        accelerator.print(f"Resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
 
     def loss_fn(model, batch):
         """Cross-entropy with label smoothing; labels are class ids or (after MixUp/CutMix) probabilities."""

@@ -31,8 +31,8 @@ from hf_weyl.data import load_text_datasets, pack_text
 from hf_weyl.metrics import load_metric
 from hf_weyl.model_card import CardMetric, render_model_card, training_hyperparameters
 from hf_weyl.recipe import (
-    TrainLog, add_training_args, build_optimizer, build_scheduler, check_training_args, make_accelerator,
-    reproduce_command, resolve_checkpoint, save_hub_folder, script_argv, train,
+    add_training_args, check_training_args, make_accelerator, prepare_training, reproduce_command,
+    save_hub_folder, script_argv, train,
 )
 
 logger = get_logger(__name__)
@@ -134,17 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                   batch_size=args.per_device_train_batch_size, drop_last=True)
     eval_dataloader = DataLoader(splits["validation"], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
 
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args, accelerator.num_processes)
-    model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader, scheduler
+    model, optimizer, train_dataloader, eval_dataloader, scheduler, log = prepare_training(
+        accelerator, model, train_dataloader, eval_dataloader, args
     )
-    log = TrainLog()
-    accelerator.register_for_checkpointing(log)
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if checkpoint is not None:
-        accelerator.print(f"Resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
 
     def evaluate() -> dict[str, float]:
         """Validation loss (mean token cross-entropy) and perplexity through the shipped `perplexity` metric."""
