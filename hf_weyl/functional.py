@@ -15,9 +15,9 @@ DeepSpeed ZeRO form (which computes σ across ranks) composes the same pieces.
 
 On the CPU, :func:`adamweyl_step` walks the tensors in cache-sized chunks (``CPU_CHUNK_BYTES`` of
 parameters each): moments, direction, both power iterations and the update of a chunk run while
-its tensors are still in the last-level cache, and the direction's work buffer is chunk-sized, so
-no model-sized buffer has its pages faulted in afresh every step; for bf16/fp16 parameters the
-buffer is fp32, so the direction enters the power iteration without a conversion copy.
+its tensors are still in the last-level cache, and the directions of all chunks share one work
+buffer allocated once per step (for bf16/fp16 parameters also one fp32 scratch buffer for the
+power-iteration copies), so no model-sized buffer has its pages faulted in afresh every step.
 Chunks are cut between tensors (the cap is per tensor), so the result is the same element by
 element. On accelerators the whole list is one chunk (one fused foreach launch per op).
 """
@@ -44,8 +44,7 @@ __all__ = [
 
 #: On the CPU, :func:`adamweyl_step` processes consecutive tensors in chunks of at most this many
 #: parameter bytes (a larger tensor is a chunk of its own). 8 MiB keeps a chunk's parameters,
-#: gradients, moments and direction within a typical 32 MiB last-level cache, and keeps the
-#: direction buffer below glibc's largest mmap threshold so that it is recycled between chunks.
+#: gradients, moments and direction within a typical 32 MiB last-level cache.
 CPU_CHUNK_BYTES = 8 << 20
 
 

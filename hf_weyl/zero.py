@@ -70,7 +70,7 @@ SIGMA_MODES = ("vector_reduce", "gather")
 #: [low, high). Others raise unless ``HF_WEYL_ALLOW_UNTESTED_DEEPSPEED=1``.
 TESTED_DEEPSPEED = ((0, 19), (0, 20))
 
-#: Optimizer-state keys kept on each flat partition.
+#: Optimizer-state key of the power-iteration vectors on each flat partition (see the module doc).
 VECTORS_KEY = "zero_weyl"
 
 _TINY = torch.finfo(torch.float32).tiny

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--preset brings its own data; leave out --train_file")
     for name in ("train_file", "validation_file"):
         path = getattr(args, name)
-        if path is not None and not __import__("os").path.isfile(path):
+        if path is not None and not os.path.isfile(path):
             parser.error(f"--{name}: no such file {path!r}")
     if args.block_size < 2:
         parser.error(f"--block_size must be >= 2, got {args.block_size}")
