@@ -17,7 +17,7 @@ import torch
 import transformers
 
 import hf_weyl
-from hf_weyl import presets
+from hf_weyl.recipe import presets
 from hf_weyl.monitor import DEFAULT_INTERVAL, collect_metrics
 
 

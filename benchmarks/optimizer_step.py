@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from hf_weyl import AdamWeyl, functional
+from hf_weyl import AdamWeyl
+from hf_weyl.core import functional
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -107,7 +108,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--power_iters", type=int, default=1)
     parser.add_argument("--cpu_chunk_mib", type=float, default=functional.CPU_CHUNK_BYTES / 2**20,
-                        help="hf_weyl.functional.CPU_CHUNK_BYTES in MiB; 0 = one chunk (no cache blocking)")
+                        help="hf_weyl.core.functional.CPU_CHUNK_BYTES in MiB; 0 = one chunk (no cache blocking)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cpu_chunk_mib < 0:

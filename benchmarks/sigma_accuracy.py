@@ -1,6 +1,6 @@
 """Accuracy of AdamWeyl's warm-started σ estimates against exact SVD, along a real training run.
 
-Trains the tiny GPT-2 preset (offline text, ``hf_weyl.presets``) with the paper's GPT settings and no
+Trains the tiny GPT-2 preset (offline text, ``hf_weyl.recipe.presets``) with the paper's GPT settings and no
 warmup, and after every step compares, for every matrix, the optimizer's estimates σ̂1(W_{t-1}) and
 σ̂1(U_t) with exact singular values, and the realised relative step α'σ1(U_t)/σ1(W_{t-1}) of capped
 tensors with τ. Power iteration never overestimates, so errors are underestimates; an underestimated
@@ -17,7 +17,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from hf_weyl import AdamWeyl
-from hf_weyl.presets import tiny_gpt2_config, tiny_text_splits
+from hf_weyl.recipe.presets import tiny_gpt2_config, tiny_text_splits
 
 
 def exact_sigma(t: torch.Tensor) -> float:

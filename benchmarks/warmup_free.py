@@ -1,6 +1,6 @@
 """Warmup-free training: AdamWeyl against AdamW (with / without warmup) and the alternatives.
 
-On the tiny GPT-2 and tiny ViT presets (``hf_weyl.presets``), for every method × lr × seed: same
+On the tiny GPT-2 and tiny ViT presets (``hf_weyl.recipe.presets``), for every method × lr × seed: same
 data order, model init and cosine schedule; only ``adamw_warmup`` has a linear warmup
 (``--warmup_fraction`` of the steps). Every ``--monitor_interval`` steps the training monitor
 (``hf_weyl.monitor``) measures σ1(W_qᵀW_k), SEC and the attention entropy on a fixed probe batch.
@@ -31,7 +31,7 @@ import transformers
 from torch import nn
 
 import hf_weyl
-from hf_weyl import baselines
+import baselines
 from hf_weyl.monitor import CollapseDetector, collect_metrics
 
 METHODS = ("adamw_warmup", "adamw", "adamweyl", "stable_adamw", "muon", "gi_adam", "lion_a", "lion_ar")
@@ -66,7 +66,7 @@ class RunResult:
 
 def load_task(task: str, seed: int = 0) -> dict[str, Any]:
     """Tensors of the preset's train/validation data and a model factory."""
-    from hf_weyl import presets
+    from hf_weyl.recipe import presets
 
     if task == "gpt2":
         splits, tok = presets.tiny_text_splits(block_size=64, seed=0)

@@ -5,7 +5,7 @@
 1. Bytes per optimizer step that each σ mode sends, computed from GPT-2 small's shapes (124M, built on
    the meta device, nothing downloaded) at 2 and 8 ranks, next to ZeRO-2's own gradient/parameter traffic.
 2. The same formula checked against the bytes a 2-rank CPU run actually hands to its collectives
-   (``hf_weyl.zero.COMM_STATS``) on a small GPT-2.
+   (``hf_weyl.integrations.deepspeed.COMM_STATS``) on a small GPT-2.
 3. Step-time ratio AdamWeyl / torch AdamW under ZeRO-2 on 2 CPU ranks, measured side by side
    (alternating the two engines), for the optimizer step and the whole training step.
 """
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_weyl import AdamWeyl
-from hf_weyl.zero import COMM_STATS, SIGMA_MODES, comm_bytes_per_step
+from hf_weyl.integrations.deepspeed import COMM_STATS, SIGMA_MODES, comm_bytes_per_step
 
 
 def param_groups(model, wd=0.1):

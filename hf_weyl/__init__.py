@@ -3,8 +3,8 @@
 ``import hf_weyl`` registers ``optim="adamw_weyl"`` with ``transformers.Trainer``.
 """
 
-from .optimizer import AdamWeyl, CapStats, unwrap_adamweyl
-from .trainer_integration import OPTIM_NAME, optimizer_kwargs_from_optim_args, register_with_transformers
+from .core.optimizer import AdamWeyl, CapStats, unwrap_adamweyl
+from .integrations.trainer import OPTIM_NAME, optimizer_kwargs_from_optim_args, register_with_transformers
 
 __version__ = "0.1.0"
 

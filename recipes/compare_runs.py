@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from hf_weyl.plotting import plot_comparison
+from hf_weyl.recipe.plotting import plot_comparison
 
 
 def label(run: Path, results: dict) -> str:

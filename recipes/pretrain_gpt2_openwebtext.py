@@ -27,11 +27,11 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from hf_weyl import hub, presets
-from hf_weyl.data import load_text_datasets, pack_text
-from hf_weyl.metrics import load_metric
-from hf_weyl.model_card import CardMetric, render_model_card, training_hyperparameters
-from hf_weyl.recipe import (
+from hf_weyl.recipe import hub, presets
+from hf_weyl.recipe.data import load_text_datasets, pack_text
+from hf_weyl.recipe.metrics import load_metric
+from hf_weyl.recipe.model_card import CardMetric, render_model_card, training_hyperparameters
+from hf_weyl.recipe.training import (
     add_training_args, check_training_args, make_accelerator, prepare_training, reproduce_command,
     save_hub_folder, script_argv, train,
 )

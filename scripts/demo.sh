@@ -18,7 +18,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 
 # Build the tiny corpus, tokenizer and packed blocks once, before the two runs read them.
-"$PY" -c "from hf_weyl.presets import tiny_text_splits; tiny_text_splits()" > "$OUT/prepare.log" 2>&1
+"$PY" -c "from hf_weyl.recipe.presets import tiny_text_splits; tiny_text_splits()" > "$OUT/prepare.log" 2>&1
 
 common=(--preset tiny --warmup_steps 0 --learning_rate "$LR" --max_train_steps "$STEPS" --eval_steps 50
         --max_eval_batches 16 --logging_steps 5 --with_tracking)

@@ -6,8 +6,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The comparison baselines live beside the benchmark scripts (benchmarks/baselines.py), not in the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 def make_tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32, n_layer: int = 2, n_embd: int = 32, vocab: int = 97):

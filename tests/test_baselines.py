@@ -1,10 +1,10 @@
-"""Baseline optimizers of the warmup-free benchmark (hf_weyl.baselines)."""
+"""Baseline optimizers of the warmup-free benchmark (baselines)."""
 
 import pytest
 import torch
 import transformers as tf
 
-from hf_weyl import baselines
+import baselines
 
 
 def test_giadam_initialises_v_with_first_gradient_and_steps_like_adam():

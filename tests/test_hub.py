@@ -1,4 +1,4 @@
-"""``--push_to_hub`` / ``hf_weyl.hub.push_folder`` against a local stand-in of the Hub's upload API.
+"""``--push_to_hub`` / ``hf_weyl.recipe.hub.push_folder`` against a local stand-in of the Hub's upload API.
 
 The stand-in (``HubStandIn``) implements the four endpoints ``huggingface_hub`` uses to create a
 repo and commit regular (non-LFS) files: ``POST /api/repos/create``, ``POST /api/validate-yaml``
@@ -139,7 +139,7 @@ def _fake_output_folder(root: Path) -> Path:
 def test_push_folder_uploads_everything_but_checkpoints(tmp_path, hub_stand_in, monkeypatch):
     from huggingface_hub import constants
 
-    from hf_weyl.hub import push_folder
+    from hf_weyl.recipe.hub import push_folder
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     out = _fake_output_folder(tmp_path)
@@ -158,7 +158,7 @@ def test_push_folder_uploads_everything_but_checkpoints(tmp_path, hub_stand_in, 
 
 
 def test_push_folder_refuses_a_folder_without_card(tmp_path, hub_stand_in):
-    from hf_weyl.hub import push_folder
+    from hf_weyl.recipe.hub import push_folder
 
     with pytest.raises(FileNotFoundError, match="README.md"):
         push_folder(tmp_path, "me/x", endpoint=hub_stand_in.url)

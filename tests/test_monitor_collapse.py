@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import hf_weyl
-from hf_weyl import presets
+from hf_weyl.recipe import presets
 from hf_weyl.monitor import CollapseDetector, collect_metrics
 
 STEPS, INTERVAL, LR = 40, 5, 3e-2

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_gpt2, token_batches
-from hf_weyl import AdamWeyl, functional, power_iteration
+from hf_weyl import AdamWeyl
+from hf_weyl.core import functional, power_iteration
 
 
 class ReferenceAdamW2:

@@ -11,7 +11,7 @@ from transformers import GPT2LMHeadModel
 
 from hf_weyl import AdamWeyl
 from hf_weyl.monitor import collect_metrics
-from hf_weyl.presets import tiny_gpt2_config, tiny_text_splits
+from hf_weyl.recipe.presets import tiny_gpt2_config, tiny_text_splits
 
 STEPS, LR, BATCH = 250, 0.1, 16
 

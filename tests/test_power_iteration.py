@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_weyl.power_iteration import BATCHED_MAX_NUMEL, as_matrix, initial_vector, power_iteration_, vector_length
+from hf_weyl.core.power_iteration import BATCHED_MAX_NUMEL, as_matrix, initial_vector, power_iteration_, vector_length
 
 
 def exact_sigma(a: torch.Tensor) -> float:

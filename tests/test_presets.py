@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hf_weyl import presets
+from hf_weyl.recipe import presets
 
 
 def test_tiny_text_splits_are_packed_blocks_of_stdlib_source():
@@ -59,7 +59,7 @@ def test_tiny_configs_and_overrides():
 
 
 def test_metrics_ship_inside_the_package_and_load_offline():
-    from hf_weyl.metrics import available_metrics, load_metric
+    from hf_weyl.recipe.metrics import available_metrics, load_metric
 
     assert available_metrics() == ["accuracy", "perplexity"]
     acc = load_metric("accuracy")

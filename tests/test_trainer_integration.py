@@ -10,7 +10,7 @@ from transformers.training_args import OptimizerNames
 import hf_weyl
 from conftest import make_tiny_gpt2, token_batches
 from hf_weyl import AdamWeyl, optimizer_kwargs_from_optim_args
-from hf_weyl.trainer_integration import OPTIM_ARGS
+from hf_weyl.integrations.trainer import OPTIM_ARGS
 
 
 def args(tmp_path, **kw):

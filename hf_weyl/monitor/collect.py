@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..optimizer import unwrap_adamweyl
+from ..core.optimizer import unwrap_adamweyl
 from .layouts import ModelLayout, resolve_layout
 from .spectral import attention_entropy, qk_singular_values, sec_index, sigma_max
 

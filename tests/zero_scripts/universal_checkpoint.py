@@ -27,7 +27,7 @@ import deepspeed
 import torch.distributed as dist
 
 from hf_weyl import AdamWeyl, unwrap_adamweyl
-from hf_weyl.optimizer import GROUP_INDEX, UPDATE_VECTOR, WEIGHT_VECTOR
+from hf_weyl.core.optimizer import GROUP_INDEX, UPDATE_VECTOR, WEIGHT_VECTOR
 
 sys.path.insert(0, os.path.dirname(__file__))
 from zero_checks import GAS, LR, MICRO, TAU, WORLD, assert_close, batch, full_weights, groups, loss_fn, make_model, reference  # noqa: E402

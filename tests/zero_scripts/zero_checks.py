@@ -287,7 +287,7 @@ def check_accelerate(stage=2):
 
 
 CHECKS = {
-    **{f"equal_zero{s}_{m}": (lambda s=s, m=m: check_equal(s, m)) for s in (1, 2, 3) for m in hf_weyl.zero.SIGMA_MODES},
+    **{f"equal_zero{s}_{m}": (lambda s=s, m=m: check_equal(s, m)) for s in (1, 2, 3) for m in hf_weyl.integrations.deepspeed.SIGMA_MODES},
     **{f"equal_zero{s}_bf16": (lambda s=s: check_equal_bf16(s)) for s in (2, 3)},
     "resume_zero2": lambda: check_resume(2),
     "resume_zero3": lambda: check_resume(3),

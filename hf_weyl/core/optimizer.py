@@ -1,4 +1,4 @@
-"""``AdamWeyl``: AdamW with the AdamW² per-tensor learning-rate cap (see ``hf_weyl.functional``)."""
+"""``AdamWeyl``: AdamW with the AdamW² per-tensor learning-rate cap (see ``hf_weyl.core.functional``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from .functional import adamweyl_step, is_capped
 from .power_iteration import initial_vector, vector_length
-from .zero import SIGMA_MODES, check_active_deepspeed_config, is_zero_partition, zero_layout, zero_step
+from ..integrations.deepspeed import SIGMA_MODES, check_active_deepspeed_config, is_zero_partition, zero_layout, zero_step
 
 __all__ = ["AdamWeyl", "CapStats", "DEFAULT_COLD_START_ITERS", "unwrap_adamweyl"]
 
@@ -120,7 +120,7 @@ class AdamWeyl(Optimizer):
             tensors with ≥ 2 dims, viewed as (shape[0], rest), are capped.
         cold_start_iters: power-iteration steps on a tensor's first step, when its vectors are new.
         sigma_mode: how σ's are computed when DeepSpeed ZeRO shards the parameters (chosen
-            automatically, see ``hf_weyl.zero``): ``"vector_reduce"`` (all-reduce only the
+            automatically, see ``hf_weyl.integrations.deepspeed``): ``"vector_reduce"`` (all-reduce only the
             power-iteration vectors) or ``"gather"`` (all-gather whole matrices). Ignored otherwise.
 
     After each ``step()``, ``last_stats`` holds a :class:`CapStats` (device tensors, no sync).
@@ -201,7 +201,7 @@ class AdamWeyl(Optimizer):
 
     def _zero_group_step(self, group: dict[str, Any]) -> bool:
         """If DeepSpeed ZeRO replaced this group's parameters by flat fp32 partitions, step them with
-        collectively computed σ's (``hf_weyl.zero``) and return True; False for an ordinary group."""
+        collectively computed σ's (``hf_weyl.integrations.deepspeed``) and return True; False for an ordinary group."""
         index = group.get(GROUP_INDEX, 0)
         built_with = self._built_with[index] if index < len(self._built_with) else []
         flats = group["params"]

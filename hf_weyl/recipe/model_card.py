@@ -16,14 +16,14 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 __all__ = ["TEMPLATE_DIR", "CardMetric", "default_template", "render_model_card", "training_hyperparameters"]
 
-#: ``model_cards/`` at the repository root (next to the package).
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+#: ``model_cards/`` inside this package (shipped in the wheel).
+TEMPLATE_DIR = Path(__file__).resolve().parent / "model_cards"
 
 
 def default_template() -> Path:
     path = TEMPLATE_DIR / "adamw_weyl_recipe.md"
     if not path.is_file():
-        raise FileNotFoundError(f"model card template not found at {str(path)!r} (run from an hf_weyl checkout)")
+        raise FileNotFoundError(f"model card template not found at {str(path)!r} (a broken hf_weyl install: the templates ship inside the package)")
     return path
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .optimizer import AdamWeyl
+from ..core.optimizer import AdamWeyl
 
 __all__ = ["OPTIM_ARGS", "OPTIM_NAME", "optimizer_kwargs_from_optim_args", "register_with_transformers"]
 

@@ -2,9 +2,9 @@
 
 * text: the standard library's own ``.py`` sources (present on every Python installation), a
   byte-level BPE tokenizer trained on them with ``tokenizers``, packed into blocks through
-  :func:`hf_weyl.data.load_text_datasets` / :func:`hf_weyl.data.pack_text` on local ``.txt`` files;
+  :func:`hf_weyl.recipe.data.load_text_datasets` / :func:`hf_weyl.recipe.data.pack_text` on local ``.txt`` files;
 * images: scikit-learn's 8×8 handwritten digits written as an ``imagefolder`` of PNGs, read
-  through :func:`hf_weyl.data.load_image_datasets` and a ``ViTImageProcessor``.
+  through :func:`hf_weyl.recipe.data.load_image_datasets` and a ``ViTImageProcessor``.
 
 Files are cached under ``$HF_WEYL_CACHE`` (default ``~/.cache/hf_weyl``); writes are atomic, so
 concurrent first calls are safe and later calls only load.

@@ -10,7 +10,7 @@
   and ``load_state`` for exact resumption (RNG, sampler, data position via ``skip_first_batches``);
 * :func:`train`: the loop itself (gradient accumulation, clipping, logging, evaluation, checkpoints);
 * :func:`save_hub_folder`: weights, config, processor, results, log, plots and model card in one
-  folder that :func:`hf_weyl.hub.push_folder` uploads.
+  folder that :func:`hf_weyl.recipe.hub.push_folder` uploads.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .optimizer import AdamWeyl, unwrap_adamweyl
+from ..core.optimizer import AdamWeyl, unwrap_adamweyl
 
 __all__ = [
     "CHECKPOINT_DIR",

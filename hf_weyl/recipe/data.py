@@ -1,7 +1,7 @@
 """Dataset loading shared by the recipes: raw text → packed token blocks, images → pixel tensors.
 
 The same functions serve the real runs (OpenWebText, ImageNet from the Hub) and the offline
-presets (local files written by :mod:`hf_weyl.presets`), so ``--preset tiny`` exercises the real path.
+presets (local files written by :mod:`hf_weyl.recipe.presets`), so ``--preset tiny`` exercises the real path.
 """
 
 from __future__ import annotations

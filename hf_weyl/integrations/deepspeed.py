@@ -11,7 +11,7 @@ partition unchanged; only σ1(W) and σ1(U) need the pieces brought together. Tw
   Bx = Σ_r B_r x and Bᵀy = Σ_r B_rᵀ y, and the partial vectors of *all* matrices (W and U) are
   summed with one all-reduce per half-step: 2 all-reduces of Σ_j 2(m_j + n_j) floats per iteration.
 * ``gather``: all-gather every matrix and its update, then run the single-process
-  :func:`hf_weyl.power_iteration.power_iteration_` on the full matrices: 1 all-gather of the local
+  :func:`hf_weyl.core.power_iteration.power_iteration_` on the full matrices: 1 all-gather of the local
   pieces (≈ 2N/world floats per rank) plus a tiny one of the piece addresses.
 
 Both give the single-process σ's (``gather`` bit for bit, ``vector_reduce`` up to summation order).
@@ -47,8 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .functional import adam_direction, adam_moments_, apply_capped_update_, cap_ratio, is_capped
-from .power_iteration import as_matrix, initial_vector, power_iteration_, vector_length
+from ..core.functional import adam_direction, adam_moments_, apply_capped_update_, cap_ratio, is_capped
+from ..core.power_iteration import as_matrix, initial_vector, power_iteration_, vector_length
 
 __all__ = [
     "COMM_STATS",
@@ -339,7 +339,7 @@ def _sigma_vector_reduce(
 ) -> Tensor:
     """σ1 of each distributed matrix by power iteration; only the m-/n-vectors are all-reduced (batched).
 
-    Mirrors :func:`hf_weyl.power_iteration.power_iteration_` (short side, warm start, never NaN).
+    Mirrors :func:`hf_weyl.core.power_iteration.power_iteration_` (short side, warm start, never NaN).
     """
     splits = [_split_piece(p, s, n) for p, s, (m, n) in zip(pieces, starts, dims)]
     tall = [n <= m for m, n in dims]  # B = A (x ∈ R^n) if tall else Aᵀ (x ∈ R^m)
@@ -439,7 +439,7 @@ def zero_step(optimizer: Any, group: dict[str, Any], flat: Tensor, layout: ZeroL
     (bc1,), (bc2,) = adam_moments_(
         [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], beta1=beta1, beta2=beta2
     )
-    # U = scale · direction (see hf_weyl.functional.adam_direction)
+    # U = scale · direction (see hf_weyl.core.functional.adam_direction)
     (direction,), (scale,) = adam_direction([state["exp_avg"]], [state["exp_avg_sq"]], [bc1], [bc2], eps=group["eps"])
 
     capped = [is_capped(s, group["cap_vectors"]) for s in layout.shapes]
