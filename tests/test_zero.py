@@ -123,7 +123,7 @@ def test_sigma_mode_validated_at_construction_and_in_optim_args():
     with pytest.raises(ValueError, match="sigma_mode='allreduce'.*vector_reduce.*gather"):
         AdamWeyl(p, sigma_mode="allreduce")
     assert AdamWeyl(p, sigma_mode="gather").param_groups[0]["sigma_mode"] == "gather"
-    assert hf_weyl.core.optimizer_kwargs_from_optim_args("sigma_mode=gather,tau=0.02") == {"sigma_mode": "gather", "tau": 0.02}
+    assert hf_weyl.optimizer_kwargs_from_optim_args("sigma_mode=gather,tau=0.02") == {"sigma_mode": "gather", "tau": 0.02}
 
 
 @pytest.mark.parametrize(
