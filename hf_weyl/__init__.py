@@ -1,10 +1,16 @@
 """hf_weyl: AdamW² ("Taming Transformer Without Using Learning Rate Warmup", ICLR 2025) for the HF stack.
 
-``import hf_weyl`` registers ``optim="adamw_weyl"`` with ``transformers.Trainer``.
+``import hf_weyl`` registers ``optim="adamw_weyl"`` with ``transformers.Trainer`` (when transformers loads its
+Trainer modules, so that importing hf_weyl imports torch only). Unmodified scripts: ``python -m hf_weyl SCRIPT``.
 """
 
 from .core.optimizer import AdamWeyl, CapStats, unwrap_adamweyl
-from .integrations.trainer import OPTIM_NAME, optimizer_kwargs_from_optim_args, register_with_transformers
+from .integrations.trainer import (
+    OPTIM_NAME,
+    optimizer_kwargs_from_optim_args,
+    register_on_import,
+    register_with_transformers,
+)
 
 __version__ = "0.1.0"
 
@@ -18,4 +24,4 @@ __all__ = [
     "unwrap_adamweyl",
 ]
 
-register_with_transformers()
+register_on_import()

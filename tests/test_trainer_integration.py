@@ -10,7 +10,7 @@ from transformers.training_args import OptimizerNames
 import hf_weyl
 from conftest import make_tiny_gpt2, token_batches
 from hf_weyl import AdamWeyl, optimizer_kwargs_from_optim_args
-from hf_weyl.integrations.trainer import OPTIM_ARGS
+from hf_weyl.integrations.trainer import OPTIM_ARGS, TRAINER_FLAGS
 
 
 def args(tmp_path, **kw):
@@ -75,13 +75,15 @@ def test_trainer_builds_adamweyl_with_its_groups_and_options(tmp_path):
         assert g["tau"] == 0.004 and g["power_iters"] == 2 and g["cap_vectors"] is True and g["cold_start_iters"] == 5
 
 
-def test_every_constructor_option_is_reachable_through_optim_args():
+def test_every_constructor_option_is_reachable_through_optim_args_or_a_trainer_flag():
+    import dataclasses
     import inspect
 
     options = set(inspect.signature(AdamWeyl.__init__).parameters) - {"self", "params", "betas"}
-    assert options | {"beta1", "beta2"} == set(OPTIM_ARGS)
-    kw = optimizer_kwargs_from_optim_args("tau=0.01,power_iters=3,cap_vectors=no,beta1=0.5,eps=1e-6,lr=1e-3")
-    assert kw == {"tau": 0.01, "power_iters": 3, "cap_vectors": False, "beta1": 0.5, "eps": 1e-6, "lr": 1e-3}
+    assert options | {"beta1", "beta2"} == set(OPTIM_ARGS) | set(TRAINER_FLAGS)
+    assert set(TRAINER_FLAGS.values()) <= {f.name for f in dataclasses.fields(TrainingArguments)}
+    kw = optimizer_kwargs_from_optim_args("tau=0.01,power_iters=3,cap_vectors=no,cold_start_iters=2,sigma_mode=gather")
+    assert kw == {"tau": 0.01, "power_iters": 3, "cap_vectors": False, "cold_start_iters": 2, "sigma_mode": "gather"}
 
 
 @pytest.mark.parametrize(
@@ -91,7 +93,8 @@ def test_every_constructor_option_is_reachable_through_optim_args():
         ("tau=abc", "cannot parse tau='abc'"),
         ("power_iters=1.5", "cannot parse power_iters"),
         ("cap_vectors=maybe", "cannot parse cap_vectors"),
-        ("tau", "malformed entry 'tau'"),
+        ("tau", "entry 'tau', which is not key=value"),
+        ("tau=0.01,", "entry '', which is not key=value"),
     ],
 )
 def test_bad_optim_args_list_valid_keys(optim_args, match):
@@ -123,3 +126,76 @@ def test_trainer_end_to_end(tmp_path):
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
     assert result.global_step == 12
+
+
+# --- optim_args under the Trainer: every key takes effect or is refused (issue 10) ------------------------------
+
+
+@pytest.mark.parametrize(
+    "optim_args,flag",
+    [("weight_decay=0.3", "--weight_decay"), ("lr=1e-2", "--learning_rate"), ("eps=1e-6", "--adam_epsilon"),
+     ("beta1=0.5", "--adam_beta1"), ("beta2=0.9", "--adam_beta2")],
+)
+def test_trainer_flags_in_optim_args_are_refused_naming_the_flag(tmp_path, optim_args, flag):
+    """weight_decay in optim_args was silently beaten by the Trainer's per-group weight_decay; the other Trainer
+    options have one spelling (the TrainingArguments flag), so that training_args.json says what ran."""
+    trainer = Trainer(model=make_tiny_gpt2(), args=args(tmp_path, optim="adamw_weyl", optim_args=optim_args))
+    with pytest.raises(ValueError, match=flag) as err:
+        trainer.create_optimizer()
+    assert optim_args.split("=")[0] in str(err.value)
+
+
+def test_every_optim_args_key_takes_effect_in_a_trainer_run(tmp_path):
+    """The accepted keys reach the param groups the steps read, and survive the scheduler; a tiny τ caps."""
+    torch.manual_seed(0)
+    a = args(tmp_path, optim="adamw_weyl", learning_rate=3e-3, max_steps=2, per_device_train_batch_size=4,
+             lr_scheduler_type="cosine", optim_args="tau=0.0005,power_iters=3,cold_start_iters=6,cap_vectors=yes,"
+             "sigma_mode=gather")
+    trainer = Trainer(model=make_tiny_gpt2(), args=a, train_dataset=TokenDataset())
+    trainer.train()
+    opt = hf_weyl.unwrap_adamweyl(trainer.optimizer)
+    for g in opt.param_groups:
+        assert (g["tau"], g["power_iters"], g["cold_start_iters"], g["cap_vectors"], g["sigma_mode"]) == (
+            0.0005, 3, 6, True, "gather")
+    stats = opt.last_stats
+    assert bool(stats.capped.all())  # cap_vectors=yes: the 1-D tensors are capped too
+    assert stats.num_capped > 0  # τ = 0.0005 binds at lr 3e-3
+
+
+@pytest.mark.parametrize("optim_args", ["tau=0.01,", "tau", "tau==1", "tau:0.01", "tau=0.01;power_iters=2", ",tau=1"])
+def test_malformed_optim_args_get_our_message_under_the_trainer(tmp_path, optim_args):
+    """transformers splits optim_args on ',' and '=' before any handler runs; a string it cannot split used
+    to end in a bare 'not enough values to unpack'."""
+    trainer = Trainer(model=make_tiny_gpt2(), args=args(tmp_path, optim="adamw_weyl", optim_args=optim_args))
+    with pytest.raises(ValueError, match="key=value") as err:
+        trainer.create_optimizer()
+    assert "tau" in str(err.value) and "power_iters" in str(err.value) and repr(optim_args) in str(err.value)
+
+
+def test_duplicate_optim_args_key_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="'tau' given twice"):
+        optimizer_kwargs_from_optim_args("tau=1,tau=2")
+    trainer = Trainer(model=make_tiny_gpt2(), args=args(tmp_path, optim="adamw_weyl", optim_args="tau=0.1,tau=0.2"))
+    with pytest.raises(ValueError, match="'tau' given twice"):
+        trainer.create_optimizer()
+
+
+@pytest.mark.parametrize("optim_args", ["tau=nan", "tau=inf", "tau=1e309", "tau=-inf"])
+def test_non_finite_optim_args_are_refused(optim_args):
+    with pytest.raises(ValueError, match="finite"):
+        optimizer_kwargs_from_optim_args(optim_args)
+
+
+@pytest.mark.parametrize("optim_args", ["lr=1e309", "eps=inf"])
+def test_non_finite_trainer_keys_are_refused(optim_args):
+    with pytest.raises(ValueError, match="TrainingArguments|finite"):
+        optimizer_kwargs_from_optim_args(optim_args)
+
+
+def test_missing_transformers_internals_fail_closed_naming_the_version(monkeypatch):
+    import transformers
+    from transformers import trainer_optimizer
+
+    monkeypatch.delattr(trainer_optimizer, "_OPTIMIZER_HANDLERS")
+    with pytest.raises(RuntimeError, match=f"transformers {transformers.__version__}.*_OPTIMIZER_HANDLERS"):
+        hf_weyl.register_with_transformers()

@@ -3,19 +3,38 @@
 transformers dispatches ``TrainingArguments.optim`` through ``OptimizerNames`` (validated at
 argument parsing) and the handler table ``trainer_optimizer._OPTIMIZER_HANDLERS`` (name → function
 turning ``TrainingArguments`` + ``optim_args`` into optimizer class + kwargs). We add one enum member
-and one handler; no Trainer method is patched. Registration is idempotent.
+and one handler, and wrap the private ``optim_args`` splitter so that a string it cannot split gets
+our message; no Trainer method is patched. Registration is idempotent.
+
+``import hf_weyl`` does not import those transformers modules (``transformers.training_args`` imports
+accelerate): it registers when transformers loads them (:func:`register_on_import`).
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import math
+import sys
+import warnings
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from ..core.optimizer import AdamWeyl
 
-__all__ = ["OPTIM_ARGS", "OPTIM_NAME", "optimizer_kwargs_from_optim_args", "register_with_transformers"]
+__all__ = [
+    "OPTIM_ARGS",
+    "OPTIM_NAME",
+    "TRAINER_FLAGS",
+    "optimizer_kwargs_from_optim_args",
+    "register_on_import",
+    "register_with_transformers",
+]
 
 OPTIM_NAME = "adamw_weyl"
+
+#: The transformers version these internals were checked against (tests run on it).
+TESTED_TRANSFORMERS = "5.23"
 
 
 def _parse_bool(value: str) -> bool:
@@ -32,17 +51,14 @@ def _parse_int(value: str) -> int:
 
 
 def _parse_float(value: str) -> float:
-    return float(value.strip())
+    number = float(value.strip())
+    if not math.isfinite(number):
+        raise ValueError(f"must be a finite number, got {number}")
+    return number
 
 
-#: Every ``AdamWeyl`` constructor option reachable through ``optim_args`` ("key=value,key=value"),
-#: with its parser. ``beta1``/``beta2`` set ``betas`` (a pair cannot be written in optim_args).
+#: The ``AdamWeyl`` options reachable through ``optim_args`` ("key=value,key=value"), with their parsers.
 OPTIM_ARGS: dict[str, Callable[[str], Any]] = {
-    "lr": _parse_float,
-    "beta1": _parse_float,
-    "beta2": _parse_float,
-    "eps": _parse_float,
-    "weight_decay": _parse_float,
     "tau": _parse_float,
     "power_iters": _parse_int,
     "cap_vectors": _parse_bool,
@@ -50,54 +66,101 @@ OPTIM_ARGS: dict[str, Callable[[str], Any]] = {
     "sigma_mode": str.strip,  # DeepSpeed ZeRO: "vector_reduce" or "gather" (checked by AdamWeyl)
 }
 
+#: The other constructor options are TrainingArguments fields; in ``optim_args`` they are refused, naming the
+#: flag (the Trainer writes ``weight_decay`` into every param group, which would beat ours; DeepSpeed's
+#: "auto" scheduler takes ``learning_rate``; one spelling each keeps ``training_args.json`` true).
+TRAINER_FLAGS: dict[str, str] = {
+    "lr": "learning_rate",
+    "weight_decay": "weight_decay",
+    "eps": "adam_epsilon",
+    "beta1": "adam_beta1",
+    "beta2": "adam_beta2",
+}
+
+_FORMAT = "key=value pairs separated by commas"
+
+
+def _valid_keys() -> str:
+    return f"valid keys are {sorted(OPTIM_ARGS)}"
+
+
+def _split(optim_args: str) -> dict[str, str]:
+    """``"a=1,b=2"`` → ``{"a": "1", "b": "2"}`` (spaces dropped, as transformers does); anything else refused."""
+    pairs: dict[str, str] = {}
+    for item in optim_args.replace(" ", "").split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key or "=" in value:
+            raise ValueError(
+                f"optim_args for {OPTIM_NAME}: {optim_args!r} has the entry {item!r}, which is not key=value; "
+                f"expected {_FORMAT} (no trailing comma); {_valid_keys()}"
+            )
+        if key in pairs:
+            raise ValueError(f"optim_args for {OPTIM_NAME}: {key!r} given twice in {optim_args!r}; give each key once")
+        pairs[key] = value
+    return pairs
+
 
 def optimizer_kwargs_from_optim_args(optim_args: str | dict[str, str] | None) -> dict[str, Any]:
     """Parse ``"tau=0.01,power_iters=2"`` (or transformers' already split dict) to typed AdamWeyl kwargs.
 
-    Unknown keys and malformed values raise ``ValueError`` naming the key and listing the valid ones.
+    Malformed entries, duplicate and unknown keys, keys that are TrainingArguments flags, values that do
+    not parse and non-finite numbers raise ``ValueError`` naming what was seen and listing the valid keys.
     Ranges are checked by ``AdamWeyl`` itself when it is constructed.
     """
     if not optim_args:
         return {}
-    if isinstance(optim_args, str):
-        pairs = {}
-        for item in optim_args.replace(" ", "").split(","):
-            if not item:
-                continue
-            if item.count("=") != 1:
-                raise ValueError(
-                    f"optim_args for {OPTIM_NAME}: malformed entry {item!r}; expected key=value pairs separated "
-                    f"by commas, with keys from {sorted(OPTIM_ARGS)}"
-                )
-            key, value = item.split("=")
-            pairs[key] = value
-        optim_args = pairs
+    pairs = _split(optim_args) if isinstance(optim_args, str) else dict(optim_args)
     kwargs: dict[str, Any] = {}
-    for key, value in optim_args.items():
+    for key, value in pairs.items():
+        if key in TRAINER_FLAGS:
+            flag = TRAINER_FLAGS[key]
+            raise ValueError(
+                f"optim_args for {OPTIM_NAME}: {key}={value} is a TrainingArguments option; set it with "
+                f"--{flag} (TrainingArguments({flag}=...)) instead; optim_args {_valid_keys()}"
+            )
         if key not in OPTIM_ARGS:
-            raise ValueError(f"optim_args for {OPTIM_NAME}: unknown key {key!r}; valid keys are {sorted(OPTIM_ARGS)}")
+            raise ValueError(f"optim_args for {OPTIM_NAME}: unknown key {key!r}; {_valid_keys()}")
         try:
             kwargs[key] = OPTIM_ARGS[key](value)
         except ValueError as err:
-            raise ValueError(
-                f"optim_args for {OPTIM_NAME}: cannot parse {key}={value!r} ({err}); valid keys are {sorted(OPTIM_ARGS)}"
-            ) from None
+            raise ValueError(f"optim_args for {OPTIM_NAME}: cannot parse {key}={value!r} ({err}); {_valid_keys()}") from None
     return kwargs
 
 
-def _betas_from(kwargs: dict[str, Any], default: tuple[float, float]) -> tuple[float, float]:
-    return (kwargs.pop("beta1", default[0]), kwargs.pop("beta2", default[1]))
-
-
 def _get_adamw_weyl(ctx: Any) -> tuple[type, dict[str, Any]]:
-    """Handler for ``optim="adamw_weyl"``: Trainer's lr/betas/eps (+ per-group weight decay), then optim_args."""
-    overrides = optimizer_kwargs_from_optim_args(ctx.optim_args)
-    kwargs = {**ctx.optimizer_kwargs, **ctx.adam_kwargs}
-    kwargs["betas"] = _betas_from(overrides, kwargs["betas"])
-    kwargs.update(overrides)
+    """Handler for ``optim="adamw_weyl"``: the Trainer's lr/betas/eps (+ per-group weight decay), then optim_args.
+
+    Parses the raw ``args.optim_args`` string (transformers' split dict has already dropped duplicates).
+    """
+    raw = getattr(ctx.args, "optim_args", None)
+    overrides = optimizer_kwargs_from_optim_args(raw if isinstance(raw, str) else ctx.optim_args)
+    kwargs = {**ctx.optimizer_kwargs, **ctx.adam_kwargs, **overrides}
     ctx.optimizer_kwargs.clear()
     ctx.optimizer_kwargs.update(kwargs)
     return AdamWeyl, ctx.optimizer_kwargs
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers internals we use — the only place they are read. Each access goes through _private(),
+# which fails closed (RuntimeError naming the transformers version) if a release renames them:
+#   transformers.trainer_optimizer._OPTIMIZER_HANDLERS   optim name → handler (we add ours)
+#   transformers.trainer._parse_optim_args               splits optim_args before any handler runs (wrapped:
+#                                                        only its error message changes)
+# plus the public OptimizerNames enum, extended through the enum module's own tables (_add_enum_member).
+# --------------------------------------------------------------------------------------------------
+
+
+def _private(module: ModuleType, name: str, kind: type) -> Any:
+    value = getattr(module, name, None)
+    if not isinstance(value, kind):
+        import transformers
+
+        raise RuntimeError(
+            f"hf_weyl cannot register optim={OPTIM_NAME!r}: transformers {transformers.__version__} has no "
+            f"{module.__name__}.{name} ({kind.__name__}), which hf_weyl uses (checked against transformers "
+            f"{TESTED_TRANSFORMERS}). Install a transformers version hf_weyl supports or report this at hf_weyl."
+        )
+    return value
 
 
 def _add_enum_member(enum_cls: type, name: str, value: str) -> Any:
@@ -116,13 +179,106 @@ def _add_enum_member(enum_cls: type, name: str, value: str) -> Any:
     return member
 
 
+def _register_name(training_args: ModuleType) -> None:
+    _add_enum_member(training_args.OptimizerNames, OPTIM_NAME.upper(), OPTIM_NAME)
+
+
+def _register_handler(trainer_optimizer: ModuleType) -> None:
+    handlers = _private(trainer_optimizer, "_OPTIMIZER_HANDLERS", dict)
+    handlers[trainer_optimizer.OptimizerNames(OPTIM_NAME)] = _get_adamw_weyl
+
+
+def _wrap_optim_args_splitter(trainer: ModuleType) -> None:
+    split = _private(trainer, "_parse_optim_args", Callable)
+    if getattr(split, "_hf_weyl_wrapped", False):
+        return
+
+    def _parse_optim_args(optim_args_str: str | None) -> dict[str, str]:
+        try:
+            return split(optim_args_str)
+        except ValueError:  # "not enough values to unpack" and the like: say what is wrong and what is valid
+            raise ValueError(
+                f"optim_args {optim_args_str!r} cannot be split by transformers into {_FORMAT} (no trailing comma, "
+                f"one '=' per entry); for optim={OPTIM_NAME!r} the {_valid_keys()}"
+            ) from None
+
+    _parse_optim_args._hf_weyl_wrapped = True  # type: ignore[attr-defined]
+    _parse_optim_args.__wrapped__ = split  # type: ignore[attr-defined]
+    trainer._parse_optim_args = _parse_optim_args
+
+
+#: transformers module → what to do once it has loaded (in import order: the enum module comes first).
+_ON_LOAD: dict[str, Callable[[ModuleType], None]] = {
+    "transformers.training_args": _register_name,
+    "transformers.trainer_optimizer": _register_handler,
+    "transformers.trainer": _wrap_optim_args_splitter,
+}
+
+
 def register_with_transformers() -> bool:
-    """Make ``optim="adamw_weyl"`` known to transformers. Returns False if transformers is absent."""
+    """Make ``optim="adamw_weyl"`` known to transformers now (imports its Trainer modules, and so accelerate).
+
+    Returns False if transformers is absent; raises RuntimeError if its internals changed.
+    """
     try:
-        from transformers import trainer_optimizer
-        from transformers.training_args import OptimizerNames
+        import transformers.trainer  # noqa: F401  (imports training_args and trainer_optimizer too)
     except ImportError:
         return False
-    member = _add_enum_member(OptimizerNames, OPTIM_NAME.upper(), OPTIM_NAME)
-    trainer_optimizer._OPTIMIZER_HANDLERS[member] = _get_adamw_weyl
+    for name, action in _ON_LOAD.items():
+        action(sys.modules[name])
     return True
+
+
+class _ThenRun(importlib.abc.Loader):
+    """A module's own loader, followed by ``action(module)`` once the module has executed."""
+
+    def __init__(self, loader: Any, action: Callable[[ModuleType], None]):
+        self._loader, self._action = loader, action
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        _run_warning(self._action, module)  # raising here would break `import transformers...` for everyone
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_code, is_package, resource readers, ...
+        return getattr(self._loader, name)
+
+
+class _RegisterOnLoad(importlib.abc.MetaPathFinder):
+    """Finds the transformers modules of ``_ON_LOAD`` with the other finders and wraps their loaders."""
+
+    def find_spec(self, fullname, path, target=None):
+        action = _ON_LOAD.get(fullname)
+        if action is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _ThenRun(spec.loader, action)
+                return spec
+        return None
+
+
+def register_on_import() -> None:
+    """What ``import hf_weyl`` does: register with the transformers modules already loaded, and with the
+    others when transformers loads them — so ``TrainingArguments(optim="adamw_weyl")``, ``--optim adamw_weyl``
+    and unpickling ``training_args.bin`` work afterwards, without importing accelerate now."""
+    if not any(isinstance(f, _RegisterOnLoad) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnLoad())
+    for name, action in _ON_LOAD.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            _run_warning(action, module)
+
+
+def _run_warning(action: Callable[[ModuleType], None], module: ModuleType) -> None:
+    """Run ``action``; on failure warn (fail closed: the name stays unknown) instead of breaking an import."""
+    try:
+        action(module)
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"hf_weyl: optim={OPTIM_NAME!r} not registered: {err}", RuntimeWarning, stacklevel=3)
