@@ -184,3 +184,43 @@ def test_plots_write_pngs(tmp_path):
         assert os.path.getsize(path) > 5000
     with pytest.raises(ValueError, match="no monitor"):
         plot_trajectories([{"step": 1}], str(tmp_path / "x.png"))
+
+
+def test_plots_leave_the_matplotlib_backend_and_pyplot_alone(tmp_path):
+    """A notebook's backend is its own: plotting (monitor and recipe plots) selects none and registers no
+    pyplot figure. A fresh interpreter, so that no other test has imported pyplot before."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        import matplotlib
+        matplotlib.use("svg")
+        import torch, transformers as tf, hf_weyl
+        from hf_weyl.monitor import collect_metrics
+        from hf_weyl.monitor.plots import plot_lr_ratios, plot_sec_curves, plot_trajectories
+        from hf_weyl.recipe.plotting import plot_comparison, plot_training
+        torch.manual_seed(0)
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16))
+        opt = hf_weyl.AdamWeyl(model.parameters(), lr=1e-2)
+        x = torch.randint(0, 50, (2, 8))
+        history = []
+        for step in (1, 2):
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step(); opt.zero_grad()
+            history.append({{"step": step, **collect_metrics(model, {{"input_ids": x}}, opt)}})
+        out = {str(tmp_path)!r}
+        for fn in (plot_trajectories, plot_sec_curves, plot_lr_ratios):
+            fn(history, f"{{out}}/{{fn.__name__}}.png")
+        log = [{{"step": 1, "train_loss": 2.0, "lr": 1e-3, "cap/capped_fraction": 0.5}}, {{"step": 2, "train_loss": 1.5}}]
+        plot_training(log, out)
+        plot_comparison({{"a": log}}, f"{{out}}/cmp.png")
+        assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+        assert "matplotlib.pyplot" not in sys.modules, "pyplot imported"
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    for name in ("plot_trajectories", "plot_sec_curves", "plot_lr_ratios", "loss", "cap", "cmp"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

@@ -1,20 +1,36 @@
-"""PNG figures in the style of the paper (matplotlib, Agg): σ trajectories per block, SEC curves,
-effective lr per tensor. Each function takes the monitor ``history`` (a list of ``{"step": ..,
-"monitor/...": ..}`` dicts, e.g. ``WeylMonitorCallback.history`` or the lines of ``weyl_monitor.jsonl``)."""
+"""PNG figures in the style of the paper: σ trajectories per block, SEC curves, effective lr per tensor.
+Each function takes the monitor ``history`` (a list of ``{"step": .., "monitor/...": ..}`` dicts, e.g.
+``WeylMonitorCallback.history`` or the lines of ``weyl_monitor.jsonl``).
+
+matplotlib is imported when a figure is drawn, through its object API (``Figure`` on an Agg canvas): no
+backend is selected and no pyplot figure is created, so a notebook's own backend and figures are untouched.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 __all__ = ["plot_lr_ratios", "plot_sec_curves", "plot_trajectories"]
 
 TRAJECTORY_KEYS = ("sigma_qk_max", "sigma_q", "sigma_k", "sigma_ov", "entropy_min", "input_norm")
+
+
+def _figure(**subplots_kw):
+    """A ``Figure`` with an Agg canvas and its axes (``Figure.subplots(**subplots_kw)``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figsize = subplots_kw.pop("figsize")
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(**subplots_kw)
+
+
+def _cmap(name: str):
+    import matplotlib
+
+    return matplotlib.colormaps[name]
 
 
 def _num_blocks(history: Sequence[Mapping[str, float]]) -> int:
@@ -32,8 +48,8 @@ def _series(history, key):
 def plot_trajectories(history: Sequence[Mapping[str, float]], path: str, keys: Sequence[str] = TRAJECTORY_KEYS, title: str = "") -> str:
     """One panel per quantity, one line per block (σ's on a log scale), as in the paper's Fig. 1/3."""
     n = _num_blocks(history)
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
-    cmap = plt.get_cmap("viridis")
+    fig, axes = _figure(nrows=1, ncols=len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
+    cmap = _cmap("viridis")
     for ax, key in zip(axes[0], keys):
         for i in range(n):
             x, y = _series(history, f"monitor/b{i}/{key}")
@@ -48,7 +64,6 @@ def plot_trajectories(history: Sequence[Mapping[str, float]], path: str, keys: S
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -56,9 +71,9 @@ def plot_sec_curves(history: Sequence[Mapping[str, float]], path: str, block: in
     """SEC(s) of W_qᵀW_k (max over heads) against s, one curve per measurement step (paper Fig. 2)."""
     n = _num_blocks(history)
     blocks = range(n) if block is None else [block]
-    fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 3.0), squeeze=False)
+    fig, axes = _figure(nrows=1, ncols=len(blocks), figsize=(3.2 * len(blocks), 3.0), squeeze=False)
     picks = [history[round(j * (len(history) - 1) / max(1, num_steps - 1))] for j in range(min(num_steps, len(history)))]
-    cmap = plt.get_cmap("plasma")
+    cmap = _cmap("plasma")
     for ax, b in zip(axes[0], blocks):
         for j, rec in enumerate(picks):
             pts = sorted((int(m.group(1)), v) for k, v in rec.items() if (m := re.fullmatch(rf"monitor/b{b}/sec(\d+)_max", k)))
@@ -73,7 +88,6 @@ def plot_sec_curves(history: Sequence[Mapping[str, float]], path: str, block: in
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -82,8 +96,8 @@ def plot_lr_ratios(history: Sequence[Mapping[str, float]], path: str, title: str
     names = sorted({k for rec in history for k in rec if k.startswith("monitor/lr_ratio/")})
     if not names:
         raise ValueError("no monitor/lr_ratio/... entries in the history (was the optimizer an AdamWeyl?)")
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    cmap = plt.get_cmap("tab20")
+    fig, ax = _figure(figsize=(6.5, 3.6))
+    cmap = _cmap("tab20")
     for j, key in enumerate(names[:max_lines]):
         x, y = _series(history, key)
         ax.plot(x, y, color=cmap(j % 20), lw=1, label=key.removeprefix("monitor/lr_ratio/"))
@@ -95,5 +109,4 @@ def plot_lr_ratios(history: Sequence[Mapping[str, float]], path: str, title: str
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -19,12 +19,23 @@ Log = Sequence[Mapping[str, Any]]
 
 
 def _pyplot():
-    import matplotlib
+    """``subplots``/``close`` on matplotlib's object API (``Figure`` + Agg canvas), not pyplot: no backend is
+    selected and no pyplot figure created, so a notebook's backend and figures are left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    class _Figures:
+        @staticmethod
+        def subplots(*args, figsize=None, **kwargs):
+            fig = Figure(figsize=figsize)
+            FigureCanvasAgg(fig)
+            return fig, fig.subplots(*args, **kwargs)
 
-    return plt
+        @staticmethod
+        def close(fig):
+            pass
+
+    return _Figures
 
 
 def series(log: Log, key: str) -> tuple[list[int], list[float]]:
