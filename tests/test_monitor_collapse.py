@@ -52,3 +52,30 @@ def test_adamw_without_warmup_collapses_and_is_flagged(tokens):
 def test_adamweyl_same_lr_is_not_flagged(tokens):
     det = train(tokens, lambda p: hf_weyl.AdamWeyl(p, lr=LR, betas=(0.9, 0.95), weight_decay=0.1, tau=0.01))
     assert not det.collapsed, [a.message() for a in det.alerts]
+
+
+@pytest.mark.distributed
+def test_stop_on_collapse_stops_every_rank_at_the_same_step(tmp_path):
+    """Rank 0 alone measures; the stop decision is reduced across ranks (all_reduce MAX). Before, rank 1 went on
+    training alone into a DDP all-reduce nobody answered (hang, or a gloo error when rank 0 exited)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "monitor_scripts" / "stop_on_collapse.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+        _, stderr = proc.communicate()
+        pytest.fail(f"the 2-rank run hung: the ranks did not stop together\n{stderr[-2000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert [r["step"] for r in ranks] == [2, 2]  # FLAG_STEP in the script, well before max_steps

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from transformers import TrainerCallback
 
@@ -34,13 +35,27 @@ def probe_batch_from_dataset(dataset: Any, collate_fn: Any, size: int = DEFAULT_
     return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
 
 
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """``flag`` of any rank (all_reduce MAX) when torch.distributed runs with several ranks; else ``flag``.
+
+    A collective: every rank must call it at the same point. ``device``: one the backend can reduce on.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class WeylMonitorCallback(TrainerCallback):
     """Every ``interval`` optimizer steps, measure the model (``collect_metrics``) and watch for collapse.
 
     Each measurement is appended to ``history`` and to ``state.log_history`` (so it is saved with
     ``trainer_state.json``), written as one JSON line to ``<output_dir>/weyl_monitor.jsonl``, and fed
     to a ``CollapseDetector`` (``detector.alerts``; ``stop_on_collapse=True`` ends training at the first
-    alert). Only the main process measures; under DDP or ZeRO-1/2 that needs no collective.
+    alert). Only the main process measures; under DDP or ZeRO-1/2 that needs no collective. With
+    ``stop_on_collapse`` the stop decision is reduced across ranks (one all-reduce at each measurement
+    step, on every rank), so that all ranks stop after the same step.
 
     Args:
         interval: optimizer steps between measurements (also measured at step 1).
@@ -89,16 +104,19 @@ class WeylMonitorCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step
-        if not state.is_world_process_zero or not (step == 1 or step % self.interval == 0):
+        if not (step == 1 or step % self.interval == 0):
             return control
-        metrics = self.measure(model, optimizer, step)
-        state.log_history.append({**metrics, "step": step})
-        if self.write_jsonl and args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, JSONL_NAME), "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.detector.update(metrics, step) and self.stop_on_collapse:
-            control.should_training_stop = True
+        collapsed = False
+        if state.is_world_process_zero:
+            metrics = self.measure(model, optimizer, step)
+            state.log_history.append({**metrics, "step": step})
+            if self.write_jsonl and args.output_dir:
+                os.makedirs(args.output_dir, exist_ok=True)
+                with open(os.path.join(args.output_dir, JSONL_NAME), "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+            collapsed = bool(self.detector.update(metrics, step))
+        if self.stop_on_collapse and any_rank(collapsed, args.device):
+            control.should_training_stop = True  # on every rank, after the same step
         return control
 
     def measure(self, model: torch.nn.Module, optimizer: Any, step: int) -> dict[str, float]:
