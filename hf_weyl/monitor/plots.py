@@ -18,8 +18,11 @@ TRAJECTORY_KEYS = ("sigma_qk_max", "sigma_q", "sigma_k", "sigma_ov", "entropy_mi
 
 def _figure(**subplots_kw):
     """A ``Figure`` with an Agg canvas and its axes (``Figure.subplots(**subplots_kw)``)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(f"hf_weyl.monitor.plots needs matplotlib ({err}): pip install matplotlib, or \"hf_weyl[recipes]\"") from None
 
     figsize = subplots_kw.pop("figsize")
     fig = Figure(figsize=figsize)
