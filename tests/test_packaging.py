@@ -64,6 +64,24 @@ def test_registration_when_transformers_was_imported_first():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+def test_training_args_bin_from_another_process_loads_after_import_hf_weyl(tmp_path):
+    path = tmp_path / "training_args.bin"
+    saved = run_fresh(f"""
+        import hf_weyl, torch
+        from transformers import TrainingArguments
+        torch.save(TrainingArguments(output_dir="o", optim="adamw_weyl", optim_args="tau=0.02", report_to="none"), {str(path)!r})
+    """)
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    loaded = run_fresh(f"""
+        import sys, hf_weyl, torch
+        assert "transformers.training_args" not in sys.modules
+        args = torch.load({str(path)!r}, weights_only=False)  # imports transformers.training_args while unpickling
+        assert args.optim == "adamw_weyl" and args.optim_args == "tau=0.02", args.optim
+        print("ok")
+    """)
+    assert loaded.returncode == 0 and loaded.stdout.strip().endswith("ok"), loaded.stderr[-3000:]
+
+
 # --- what each tier imports ---------------------------------------------------------------------------------------
 
 
