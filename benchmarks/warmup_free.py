@@ -57,7 +57,7 @@ DEFAULT_LRS = {"gpt2": (1e-3, 3e-3, 1e-2, 3e-2), "vit": (1e-4, 3e-4, 1e-3, 3e-3)
 HPARAMS = {
     "gpt2": dict(betas=(0.9, 0.95), weight_decay=0.1, tau=0.01, clip=1.0, batch_size=8),
     "vit": dict(betas=(0.9, 0.99), weight_decay=0.05, tau=0.004, clip=0.0, batch_size=32),
-    "bert": dict(betas=(0.9, 0.999), weight_decay=0.01, tau=0.01, clip=1.0, batch_size=16),
+    "bert": dict(betas=(0.9, 0.999), weight_decay=0.01, tau=0.01, clip=1.0, batch_size=8),
 }
 #: Tiny Post-LN BERT (HF ``BertForMaskedLM``): 6 layers (12 residual sub-layers), 128 wide, 4 heads, no dropout.
 BERT_CONFIG = dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,

@@ -116,3 +116,33 @@ def test_bad_arguments_are_rejected(bench):
                  ["--tasks", "gpt2", "--methods", "admin_adamw"], ["--tasks", "gpt2", "--methods", "adamw", "--taus", "0.1"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
+
+
+def test_tau_map_marks_good_taus_and_checks_a_rule(bench, tmp_path):
+    import tau_map
+
+    R = lambda *a, **k: _run(bench, *a, **k)  # noqa: E731
+    results = []
+    for length, ref, by_tau in ((150, 6.00, {0.01: 6.50, 0.1: 6.01}), (600, 5.00, {0.01: 4.95, 0.1: 5.20})):
+        for seed in (0, 1):
+            results += [R("gpt2", "adamw_warmup", 1e-3, seed, ref, length=length),
+                        R("gpt2", "adamw_warmup", 3e-3, seed, ref + 0.1, length=length)]
+            for tau, metric in by_tau.items():
+                results += [R("gpt2", "adamweyl", 1e-3, seed, metric, tau=tau, length=length),
+                            R("gpt2", "adamweyl", 1e-2, seed, metric + 0.3, tau=tau, length=length,
+                              collapsed=(tau == 0.01 and length == 600))]
+    refs, cells = tau_map.tau_map(results)
+    assert refs["gpt2", 150].lr == 1e-3 and cells["gpt2", 600, 0.01].lr == 1e-3  # best lr per τ, not the collapsed one
+    assert cells["gpt2", 150, 0.1].good("gpt2") and not cells["gpt2", 150, 0.01].good("gpt2")
+    assert cells["gpt2", 600, 0.01].gain == pytest.approx(0.05) and cells["gpt2", 600, 0.01].good("gpt2")
+    md = tau_map.table("gpt2", refs, cells)
+    assert "| AdamWeyl τ = 0.01 | -0.500 (lr 0.001) ✗ | +0.050 (lr 0.001) ✓ |" in md
+    assert "| best τ | τ 0.1 | τ 0.01 |" in md
+    # τ = 15/T: 0.1 at 150 steps (good), 0.025 at 600 (nearest measured 0.01 is a factor 2.5 away: not measured)
+    assert [v for *_, v in tau_map.check_rule(15, refs, cells)] == ["good (τ 0.1)", "not measured"]
+    assert [v for *_, v in tau_map.check_rule(1.5, refs, cells)] == ["not good (τ 0.01)", "not measured"]
+    assert [v for *_, v in tau_map.check_rule(6, refs, cells)] == ["not measured", "good (τ 0.01)"]
+    raw = tmp_path / "r.json"
+    bench.save_results(results, str(raw), history=False)
+    text = tau_map.main([str(raw), "--rule", "6", "--img", str(tmp_path / "map.png")])
+    assert "| gpt2 | 600 | 0.01 | good (τ 0.01) |" in text and (tmp_path / "map.png").stat().st_size > 5000
