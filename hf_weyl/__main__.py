@@ -3,7 +3,7 @@
 The script runs as if started with ``python SCRIPT [ARGS...]``: ``__name__ == "__main__"``, ``sys.argv``,
 ``sys.path[0]`` = the script's directory, its exit code, its traceback. ``python -m hf_weyl -m MODULE
 [ARGS...]`` does the same for ``python -m MODULE``. Under launchers: ``accelerate launch -m hf_weyl SCRIPT``,
-``torchrun -m hf_weyl SCRIPT``, ``deepspeed --module hf_weyl SCRIPT``.
+``torchrun -m hf_weyl SCRIPT``.
 """
 
 from __future__ import annotations
@@ -76,13 +76,15 @@ def main(argv: list[str] | None = None) -> None:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(argv)
-            if os.path.isdir(target) or _is_zip(target) or target.endswith((".pyc", ".pyo")):
-                if not target.endswith((".pyc", ".pyo")):
-                    del sys.path[0]  # runpy puts the directory / zip archive first, as python does
+            if os.path.isdir(target) or _is_zip(target):
+                del sys.path[0]  # runpy puts the directory / zip archive first, as python does
                 runpy.run_path(target, run_name="__main__")
             else:
                 sys.path[0] = os.path.dirname(os.path.realpath(target))
-                _run_file(target)
+                if target.endswith(".pyc"):
+                    runpy.run_path(target, run_name="__main__")
+                else:
+                    _run_file(target)
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as err:  # noqa: BLE001  (shown as python shows an uncaught exception, exit status 1)
@@ -103,7 +105,7 @@ def _module_exists(name: str) -> bool:
 def _is_zip(path: str) -> bool:
     import zipfile
 
-    return os.path.isfile(path) and not path.endswith(".py") and zipfile.is_zipfile(path)
+    return os.path.isfile(path) and not path.endswith((".py", ".pyc")) and zipfile.is_zipfile(path)
 
 
 if __name__ == "__main__":
