@@ -137,7 +137,8 @@ def load_task(task: str, seed: int = 0) -> dict[str, Any]:
             cfg = presets.tiny_gpt2_config(len(tok))
             return dict(train=(train,), val=(val,), make_model=lambda: transformers.GPT2LMHeadModel(cfg))
         mask_id = len(tok)  # one extra token: [MASK]
-        cfg = transformers.BertConfig(vocab_size=len(tok) + 1, pad_token_id=0, **BERT_CONFIG)
+        # no padding in packed blocks: pad_token_id=None keeps token 0 (<|endoftext|>) an ordinary, trained embedding
+        cfg = transformers.BertConfig(vocab_size=len(tok) + 1, pad_token_id=None, **BERT_CONFIG)
         mask = lambda ids, gen: mlm_mask(ids, gen, mask_id, len(tok))  # noqa: E731
         val_masked = mask(val, torch.Generator().manual_seed(0))  # one fixed masking for every run
         return dict(train=(train,), val=val_masked, mask=mask, make_model=lambda: transformers.BertForMaskedLM(cfg),
