@@ -224,3 +224,14 @@ def test_plots_leave_the_matplotlib_backend_and_pyplot_alone(tmp_path):
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
     for name in ("plot_trajectories", "plot_sec_curves", "plot_lr_ratios", "loss", "cap", "cmp"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_renamed_transformers_attention_attribute_fails_closed_naming_the_version(monkeypatch):
+    """The probe pass reads transformers' private config._attn_implementation (to switch to eager attention):
+    if a release renames it, a clear error naming the transformers version, not a silent skip of the switch."""
+    model = gpt2()
+    model.set_attn_implementation("sdpa")
+    owner = next(c for c in type(model.config).__mro__ if "_attn_implementation" in vars(c))
+    monkeypatch.delattr(owner, "_attn_implementation")
+    with pytest.raises(RuntimeError, match=f"transformers {tf.__version__} has no GPT2Config._attn_implementation"):
+        collect_metrics(model, text_batch(), None)

@@ -26,6 +26,7 @@ __all__ = [
     "OPTIM_ARGS",
     "OPTIM_NAME",
     "TRAINER_FLAGS",
+    "attn_implementation",
     "optimizer_kwargs_from_optim_args",
     "register_on_import",
     "register_with_transformers",
@@ -146,6 +147,8 @@ def _get_adamw_weyl(ctx: Any) -> tuple[type, dict[str, Any]]:
 #   transformers.trainer_optimizer._OPTIMIZER_HANDLERS   optim name → handler (we add ours)
 #   transformers.trainer._parse_optim_args               splits optim_args before any handler runs (wrapped:
 #                                                        only its error message changes)
+#   PreTrainedConfig._attn_implementation                the monitor's probe pass switches to eager attention
+#                                                        (attn_implementation() below)
 # plus the public OptimizerNames enum, extended through the enum module's own tables (_add_enum_member).
 # --------------------------------------------------------------------------------------------------
 
@@ -153,14 +156,28 @@ def _get_adamw_weyl(ctx: Any) -> tuple[type, dict[str, Any]]:
 def _private(module: ModuleType, name: str, kind: type) -> Any:
     value = getattr(module, name, None)
     if not isinstance(value, kind):
-        import transformers
-
-        raise RuntimeError(
-            f"hf_weyl cannot register optim={OPTIM_NAME!r}: transformers {transformers.__version__} has no "
-            f"{module.__name__}.{name} ({kind.__name__}), which hf_weyl uses (checked against transformers "
-            f"{TESTED_TRANSFORMERS}). Install a transformers version hf_weyl supports or report this at hf_weyl."
-        )
+        raise _missing(f"{module.__name__}.{name} ({kind.__name__}); optim={OPTIM_NAME!r} cannot be registered")
     return value
+
+
+def _missing(what: str) -> RuntimeError:
+    import transformers
+
+    return RuntimeError(
+        f"transformers {transformers.__version__} has no {what}, which hf_weyl uses (checked against transformers "
+        f"{TESTED_TRANSFORMERS}). Install a transformers version hf_weyl supports or report this at hf_weyl."
+    )
+
+
+def attn_implementation(model: Any) -> str | None:
+    """The attention implementation a transformers model runs (``config._attn_implementation``), None for a
+    model that is not a transformers ``PreTrainedModel`` (no ``config`` / ``set_attn_implementation``)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        return None
+    if not hasattr(config, "_attn_implementation"):
+        raise _missing(f"{type(config).__name__}._attn_implementation")
+    return config._attn_implementation
 
 
 def _add_enum_member(enum_cls: type, name: str, value: str) -> Any:

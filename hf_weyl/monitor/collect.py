@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.optimizer import unwrap_adamweyl
+from ..integrations.trainer import attn_implementation
 from .layouts import ModelLayout, resolve_layout
 from .spectral import attention_entropy, qk_singular_values, sec_index, sigma_max
 
@@ -95,9 +96,8 @@ def weight_metrics(model: nn.Module, layout: ModelLayout, sec_ranks: Sequence[in
 @contextlib.contextmanager
 def _eager_attention(model: nn.Module) -> Iterator[None]:
     """Temporarily switch an HF model to eager attention (the only one returning probabilities)."""
-    config = getattr(model, "config", None)
-    current = getattr(config, "_attn_implementation", None)
-    if current in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+    current = attn_implementation(model)
+    if current in (None, "eager"):
         yield
         return
     model.set_attn_implementation("eager")
