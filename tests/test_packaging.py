@@ -131,7 +131,8 @@ def distributions(files: list[Path], top_level_only: bool) -> dict[str, set[str]
     out: dict[str, set[str]] = {}
     for f in files:
         for mod in _imports(f, top_level_only):
-            if mod in sys.stdlib_module_names or mod in ("hf_weyl", "baselines", "conftest"):
+            sibling = (f.parent / f"{mod}.py").exists() or (f.parent / mod / "__init__.py").exists()
+            if mod in sys.stdlib_module_names or mod == "hf_weyl" or sibling:  # scripts importing their neighbours
                 continue
             for dist in by_module.get(mod, [mod]):
                 out.setdefault(dist.lower().replace("_", "-"), set()).add(str(f.relative_to(ROOT)))
