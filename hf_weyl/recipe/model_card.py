@@ -1,30 +1,40 @@
 """Model cards of recipe runs, rendered from ``model_cards/*.md`` with ``huggingface_hub.ModelCard``.
 
 The card's YAML header carries ``model-index`` (the evaluation results), tags (``adamw_weyl``,
-``no-warmup``), datasets and base model; the body the hyperparameters (optimizer, τ, warmup steps),
-the embedded training plots and the exact reproduce command.
+``no-warmup``), datasets and base model; the body the hyperparameters actually used (optimizer, τ,
+warmup steps; an option changed on resume shows each value with its steps), the embedded training
+plots and the exact reproduce commands.
+
+The template is read as a package resource (``importlib.resources``): it ships inside the package, so a
+wheel install renders cards with no source tree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-__all__ = ["TEMPLATE_DIR", "CardMetric", "default_template", "render_model_card", "training_hyperparameters"]
+__all__ = ["TEMPLATE", "CardMetric", "default_template", "render_model_card", "training_hyperparameters"]
 
-#: ``model_cards/`` inside this package (shipped in the wheel).
-TEMPLATE_DIR = Path(__file__).resolve().parent / "model_cards"
+#: The default template: ``model_cards/adamw_weyl_recipe.md`` inside the ``hf_weyl.recipe`` package.
+TEMPLATE = ("hf_weyl.recipe", "model_cards/adamw_weyl_recipe.md")
+#: Card rows of the options that may change on resume.
+_ROW_OF_OPTION = {"learning_rate": "learning rate (peak)", "tau": "tau (τ)"}
 
 
-def default_template() -> Path:
-    path = TEMPLATE_DIR / "adamw_weyl_recipe.md"
-    if not path.is_file():
-        raise FileNotFoundError(f"model card template not found at {str(path)!r} (a broken hf_weyl install: the templates ship inside the package)")
-    return path
+def default_template() -> str:
+    """The default template's text, read from the installed package."""
+    package, name = TEMPLATE
+    ref = resources.files(package).joinpath(name)
+    if not ref.is_file():
+        raise FileNotFoundError(f"model card template {name!r} not found in the installed {package} package "
+                                f"(looked at {ref}); the templates ship inside the package: reinstall hf_weyl")
+    return ref.read_text(encoding="utf-8")
 
 
 @dataclass
@@ -37,8 +47,10 @@ class CardMetric:
     split: str = "validation"
 
 
-def training_hyperparameters(args: Any, num_processes: int, tokens_per_example: int | None = None) -> dict[str, Any]:
-    """The hyperparameter table of a recipe run (effective batch included)."""
+def training_hyperparameters(args: Any, num_processes: int, tokens_per_example: int | None = None,
+                             changes: Iterable[tuple[int, str, Any, Any]] = ()) -> dict[str, Any]:
+    """The hyperparameter table of a recipe run (effective batch included). ``changes`` (``TrainLog.changes()``:
+    first step, option, old, new) turn an option's row into its values with their steps."""
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
     hp: dict[str, Any] = {"optimizer": args.optimizer}
     if args.optimizer == "adamw_weyl":
@@ -61,6 +73,19 @@ def training_hyperparameters(args: Any, num_processes: int, tokens_per_example: 
     })
     if tokens_per_example:
         hp["tokens per optimizer step"] = batch * tokens_per_example
+    by_option: dict[str, list[tuple[int, Any, Any]]] = {}
+    for step, option, old, new in changes:
+        by_option.setdefault(option, []).append((step, old, new))
+    for option, steps in by_option.items():
+        row = _ROW_OF_OPTION.get(option, option)
+        if row not in hp:
+            continue
+        parts, first = [], 1
+        for step, old, _ in steps:
+            parts.append(f"{old} (steps {first}–{step - 1})")
+            first = step
+        parts.append(f"{steps[-1][2]} (steps {first}–{args.max_train_steps})")
+        hp[row] = ", ".join(parts)
     return hp
 
 
@@ -87,7 +112,7 @@ def render_model_card(
     metrics: list[CardMetric],
     hyperparameters: Mapping[str, Any],
     plots: Mapping[str, str | Path],
-    reproduce_command: str,
+    reproduce_command: str | list[str],
     optimizer: str,
     warmup_steps: int,
     tags: list[str] | None = None,
@@ -95,7 +120,9 @@ def render_model_card(
     pipeline_tag: str | None = None,
     template_path: str | Path | None = None,
 ) -> ModelCard:
-    """Render the card; its metadata validates as ``model-index`` (see ``ModelCard.load(...).data.eval_results``)."""
+    """Render the card; its metadata validates as ``model-index`` (see ``ModelCard.load(...).data.eval_results``).
+
+    ``reproduce_command``: one command, or the first launch's followed by the resumes that changed an option."""
     for key in ("loss", "cap"):
         if key not in plots:
             raise ValueError(f"plots must include {key!r}, got {sorted(plots)}")
@@ -110,15 +137,17 @@ def render_model_card(
         library_name="transformers", base_model=base_model, pipeline_tag=pipeline_tag,
         metrics=sorted({m.type for m in metrics}),
     )
+    commands = [reproduce_command] if isinstance(reproduce_command, str) else list(reproduce_command)
+    template = Path(template_path).read_text(encoding="utf-8") if template_path is not None else default_template()
     return ModelCard.from_template(
         card_data,
-        template_path=str(template_path or default_template()),
+        template_str=template,
         model_name=model_name,
         summary=summary,
         metrics=[{"name": m.name, "split": m.split, "value": f"{m.value:.4f}"} for m in metrics],
         hyperparameters=dict(hyperparameters),
         plots={k: Path(v).as_posix() for k, v in plots.items()},
-        reproduce_command=reproduce_command,
+        reproduce_commands=commands,
         is_weyl=optimizer == "adamw_weyl",
         optimizer_label="AdamW² (`optim=adamw_weyl`)" if optimizer == "adamw_weyl" else f"`{optimizer}`",
         warmup_label="**no learning-rate warmup**" if warmup_steps == 0 else f"{warmup_steps} warmup steps",
