@@ -18,25 +18,30 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
-from pathlib import Path
+import sys
 
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, ViTForImageClassification
 
 from hf_weyl.recipe import hub, presets
-from hf_weyl.recipe.data import image_transform, load_image_datasets
+from hf_weyl.recipe.cli import add_training_args, check_training_args, make_parser
+from hf_weyl.recipe.data import first_rows, image_transform, load_image_datasets, require_rows
+from hf_weyl.recipe.errors import loading, user_errors
 from hf_weyl.recipe.metrics import load_metric
 from hf_weyl.recipe.model_card import CardMetric, render_model_card, training_hyperparameters
-from hf_weyl.recipe.training import (
-    add_training_args, check_training_args, make_accelerator, prepare_training, reproduce_command,
-    save_hub_folder, script_argv, train,
-)
+from hf_weyl.recipe.output import reproduce_commands, save_hub_folder
+from hf_weyl.recipe.run import Run, prepare_output_dir
+from hf_weyl.recipe.tracking import TrainLog, cap_statistics
+from hf_weyl.recipe.training import build_optimizer, build_scheduler, make_accelerator
 
+RECIPE = "finetune_vit_imagenet"
 logger = get_logger(__name__)
 
 #: Defaults of ``--preset tiny`` and ``--from_scratch`` (explicit options still win).
@@ -51,7 +56,7 @@ FROM_SCRATCH = dict(learning_rate=1e-3, weight_decay=0.05, max_grad_norm=0.0, nu
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(RECIPE, __doc__.split("\n\n")[0])
     data = parser.add_argument_group("data and model")
     data.add_argument("--preset", choices=sorted(PRESETS), default=None, help="Offline preset (local data, small model).")
     data.add_argument("--dataset_name", type=str, default="ILSVRC/imagenet-1k")
@@ -70,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         warmup_steps=0, lr_scheduler_type="cosine", per_device_train_batch_size=64, per_device_eval_batch_size=128,
         num_train_epochs=10, eval_steps=1000,
     )
-    argv = script_argv(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     known = parser.parse_known_args(argv)[0]
     if known.from_scratch:
         parser.set_defaults(**FROM_SCRATCH)
@@ -87,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         path = getattr(args, name)
         if path is not None and not os.path.isdir(path):
             parser.error(f"--{name}: no such directory {path!r}")
+    if args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
     if not 0 <= args.label_smoothing < 1:
         parser.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.mixup_alpha < 0 or args.cutmix_alpha < 0:
@@ -104,7 +111,8 @@ def load_data(args: argparse.Namespace):
         processor = presets.tiny_image_processor()
     else:
         train_dir, validation_dir = args.train_dir, args.validation_dir
-        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, token=args.hub_token)
+        with loading("--model_name_or_path", args.model_name_or_path):
+            processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, token=args.hub_token)
     splits = load_image_datasets(dataset_name=args.dataset_name, train_dir=train_dir, validation_dir=validation_dir,
                                  token=args.hub_token)
     augment = None
@@ -122,14 +130,15 @@ def make_model(args: argparse.Namespace, labels: list[str]) -> ViTForImageClassi
     id2label = dict(enumerate(labels))
     if args.preset == "tiny":
         return ViTForImageClassification(presets.tiny_vit_config(len(labels), id2label=id2label, label2id=label2id))
-    if args.from_scratch:
-        config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=len(labels), id2label=id2label,
-                                            label2id=label2id, token=args.hub_token)
-        return ViTForImageClassification(config)
-    return ViTForImageClassification.from_pretrained(
-        args.model_name_or_path, num_labels=len(labels), id2label=id2label, label2id=label2id,
-        ignore_mismatched_sizes=True, token=args.hub_token,
-    )
+    with loading("--model_name_or_path", args.model_name_or_path):
+        if args.from_scratch:
+            config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=len(labels), id2label=id2label,
+                                                label2id=label2id, token=args.hub_token)
+            return ViTForImageClassification(config)
+        return ViTForImageClassification.from_pretrained(
+            args.model_name_or_path, num_labels=len(labels), id2label=id2label, label2id=label2id,
+            ignore_mismatched_sizes=True, token=args.hub_token,
+        )
 
 
 def make_collate(args: argparse.Namespace, num_labels: int, train: bool):
@@ -152,31 +161,48 @@ def make_collate(args: argparse.Namespace, num_labels: int, train: bool):
     return collate
 
 
+@user_errors(f"{RECIPE}.py")  # bad options, data or checkpoints: one line, exit code 2 (other errors keep their traceback)
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    accelerator = make_accelerator(args, project_name="finetune_vit_imagenet")
+    prepare_output_dir(args.output_dir)  # created and writable before anything else runs
+    accelerator = make_accelerator(args)
     logger.info(accelerator.state, main_process_only=False)
+    run = Run.start(accelerator, args)  # the checkpoint to resume from: complete, this recipe, the same options
+    hub.prepare_push(accelerator, args)  # --push_to_hub: the repository exists now, not after training
     set_seed(args.seed)
 
     with accelerator.main_process_first():
         splits, processor = load_data(args)
     labels = splits["train"].features["label"].names
+    require_rows(splits["train"], args.per_device_train_batch_size * accelerator.num_processes, "the training data",
+                 "one batch is --per_device_train_batch_size × processes; give more images or a smaller batch")
+    require_rows(splits["validation"], 1, "the validation data", "give validation images")
+    eval_dataset = splits["validation"]
+    if args.max_eval_batches:  # a shorter evaluation set read to the end: never `break` out of an accelerate loader
+        eval_rows = args.max_eval_batches * args.per_device_eval_batch_size * accelerator.num_processes
+        eval_dataset = first_rows(eval_dataset, eval_rows)
     model = make_model(args, labels)
     train_dataloader = DataLoader(splits["train"], shuffle=True, batch_size=args.per_device_train_batch_size,
                                   collate_fn=make_collate(args, len(labels), train=True), drop_last=True,
                                   num_workers=args.dataloader_num_workers)
-    eval_dataloader = DataLoader(splits["validation"], batch_size=args.per_device_eval_batch_size,
+    eval_dataloader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size,
                                  collate_fn=make_collate(args, len(labels), train=False),
                                  num_workers=args.dataloader_num_workers)
     if args.max_train_steps is None:
         steps_per_epoch = -(-len(train_dataloader) // (args.gradient_accumulation_steps * accelerator.num_processes))
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
 
-    model, optimizer, train_dataloader, eval_dataloader, scheduler, log = prepare_training(
-        accelerator, model, train_dataloader, eval_dataloader, args
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, accelerator.num_processes)
+    model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, scheduler
     )
+    log = TrainLog(args.argv)  # step counter and history, saved in every checkpoint
+    accelerator.register_for_checkpointing(log)
+    if run.checkpoint is not None:
+        run.resume(accelerator, model, optimizer, scheduler, log)
 
-    def loss_fn(model, batch):
+    def compute_loss(batch) -> torch.Tensor:
         """Cross-entropy with label smoothing; labels are class ids or (after MixUp/CutMix) probabilities."""
         logits = model(pixel_values=batch["pixel_values"]).logits
         return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=args.label_smoothing)
@@ -186,9 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model.eval()
         metric = load_metric("accuracy")
         loss_sum, count = 0.0, 0
-        for i, batch in enumerate(eval_dataloader):
-            if args.max_eval_batches and i >= args.max_eval_batches:
-                break
+        for batch in eval_dataloader:
             with torch.no_grad():
                 logits = model(pixel_values=batch["pixel_values"]).logits.float()
             losses, preds, refs = accelerator.gather_for_metrics(
@@ -197,22 +221,79 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             loss_sum += float(losses.sum())
             count += losses.numel()
             metric.add_batch(predictions=preds, references=refs)
+        model.train()
         return {"eval_loss": loss_sum / count, "accuracy": metric.compute()["accuracy"]}
 
-    train(accelerator, model, optimizer, scheduler, train_dataloader, args, log, evaluate, logger, loss_fn=loss_fn)
+    # Training: optimizer steps up to --max_train_steps, continuing from log.completed_steps after a resume.
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    start_epoch, steps_into_epoch = divmod(log.completed_steps, steps_per_epoch)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if log.completed_steps >= args.max_train_steps:
+        accelerator.print(f"{run.checkpoint} is step {log.completed_steps} of --max_train_steps {args.max_train_steps}: "
+                          "nothing to train; writing the output folder from it")
+    progress = tqdm(range(args.max_train_steps), initial=log.completed_steps, disable=not accelerator.is_local_main_process,
+                    desc=f"training ({args.optimizer})")
+    loss_sum, loss_count, grad_norm = torch.zeros((), device=accelerator.device), 0, None
+    model.train()
+    for epoch in range(start_epoch, num_epochs):
+        if log.completed_steps >= args.max_train_steps:
+            break
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == start_epoch and steps_into_epoch:  # resume inside an epoch: the same batches as without the stop
+            batches = accelerator.skip_first_batches(train_dataloader, steps_into_epoch * args.gradient_accumulation_steps)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = compute_loss(batch)
+                loss_sum += loss.detach().float()
+                loss_count += 1
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:  # accumulating: no optimizer step yet
+                continue
+            log.completed_steps += 1
+            step = log.completed_steps
+            progress.update(1)
+            last = step == args.max_train_steps
+            save_now = args.checkpointing_steps is not None and (step % args.checkpointing_steps == 0 or last)
 
-    last_eval = next(r for r in reversed(log.history) if "accuracy" in r)
-    results = {"accuracy": last_eval["accuracy"], "eval_loss": last_eval["eval_loss"], "step": log.completed_steps,
-               "train_loss": next(r["train_loss"] for r in reversed(log.history) if "train_loss" in r),
-               "optimizer": args.optimizer, "warmup_steps": args.warmup_steps}
+            if step % args.logging_steps == 0 or last or save_now:  # a checkpoint ends a logging interval (exact resume)
+                lr = scheduler.get_last_lr()[0]
+                values = {"train_loss": accelerator.reduce(loss_sum / loss_count, reduction="mean").item(), "lr": lr,
+                          "epoch": epoch, **cap_statistics(optimizer, lr)}
+                if grad_norm is not None:
+                    values["grad_norm"] = float(grad_norm)
+                loss_sum.zero_()
+                loss_count = 0
+                log.record(values)
+                progress.set_postfix(loss=f"{values['train_loss']:.3f}", lr=f"{lr:.2e}")
+                if args.with_tracking:
+                    accelerator.log(values, step=step)
+            if step % args.eval_steps == 0 or last:
+                results = evaluate()
+                log.record(results)
+                logger.info(f"step {step}: " + ", ".join(f"{k} = {v:.4g}" for k, v in results.items()))
+                if args.with_tracking:
+                    accelerator.log(results, step=step)
+            if save_now:
+                run.save_checkpoint(accelerator, step, model)
+            if last:
+                break
+    progress.close()
     if args.with_tracking:
         accelerator.end_training()
 
+    # The Hub-ready folder: weights, image processor, results, log, plots and the model card.
+    results = {"accuracy": log.last("accuracy"), "eval_loss": log.last("eval_loss"), "step": log.completed_steps,
+               "train_loss": log.last("train_loss"), "optimizer": args.optimizer, "warmup_steps": args.warmup_steps}
     dataset_id = "sklearn-digits" if args.preset == "tiny" else (args.dataset_name or "local-imagefolder")
     base_model = None if (args.preset or args.from_scratch) else args.model_name_or_path
     model_name = f"{'tiny-' if args.preset else ''}vit-{dataset_id.split('/')[-1]}-{args.optimizer}"
     how = "trained from scratch" if base_model is None else f"fine-tuned from `{base_model}`"
-
     config = accelerator.unwrap_model(model).config
 
     def card(plots):
@@ -225,20 +306,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             dataset_name=dataset_id, pipeline_tag="image-classification", tags=["vit"], base_model=base_model,
             metrics=[CardMetric("accuracy", "top-1 accuracy", results["accuracy"]),
                      CardMetric("loss", "validation loss", results["eval_loss"])],
-            hyperparameters={**training_hyperparameters(args, accelerator.num_processes),
+            hyperparameters={**training_hyperparameters(args, accelerator.num_processes, changes=log.changes()),
                              "label smoothing": args.label_smoothing, "RandAugment": args.randaugment,
                              "mixup α": args.mixup_alpha, "cutmix α": args.cutmix_alpha},
-            plots=plots, reproduce_command=reproduce_command("recipes/finetune_vit_imagenet.py", args.argv),
+            plots=plots, reproduce_command=reproduce_commands(f"recipes/{RECIPE}.py", log, args.output_dir),
             optimizer=args.optimizer, warmup_steps=args.warmup_steps,
         )
 
     save_hub_folder(accelerator, model, processor, args, log, results, card)
     accelerator.print(f"Top-1 accuracy {results['accuracy']:.4f}; Hub-ready folder: {args.output_dir}")
-    if args.push_to_hub and accelerator.is_main_process:
-        repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
-        url = hub.push_folder(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
-        accelerator.print(f"Pushed to {url}")
-    accelerator.wait_for_everyone()
+    hub.push_run(accelerator, args)
     return results
 
 

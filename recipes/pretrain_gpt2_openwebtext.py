@@ -19,23 +19,28 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from hf_weyl.recipe import hub, presets
-from hf_weyl.recipe.data import load_text_datasets, pack_text
+from hf_weyl.recipe.cli import add_training_args, check_training_args, make_parser
+from hf_weyl.recipe.data import first_rows, load_text_datasets, pack_text, require_rows
+from hf_weyl.recipe.errors import loading, user_errors
 from hf_weyl.recipe.metrics import load_metric
 from hf_weyl.recipe.model_card import CardMetric, render_model_card, training_hyperparameters
-from hf_weyl.recipe.training import (
-    add_training_args, check_training_args, make_accelerator, prepare_training, reproduce_command,
-    save_hub_folder, script_argv, train,
-)
+from hf_weyl.recipe.output import reproduce_commands, save_hub_folder
+from hf_weyl.recipe.run import Run, prepare_output_dir
+from hf_weyl.recipe.tracking import TrainLog, cap_statistics
+from hf_weyl.recipe.training import build_optimizer, build_scheduler, make_accelerator
 
+RECIPE = "pretrain_gpt2_openwebtext"
 logger = get_logger(__name__)
 
 #: Defaults of ``--preset tiny`` (explicit options still win): runs in about two minutes on 2 CPU cores.
@@ -46,7 +51,7 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(RECIPE, __doc__.split("\n\n")[0])
     data = parser.add_argument_group("data and model")
     data.add_argument("--preset", choices=sorted(PRESETS), default=None, help="Offline preset (local data, small model).")
     data.add_argument("--dataset_name", type=str, default="Skylion007/openwebtext")
@@ -65,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         warmup_steps=0, lr_scheduler_type="cosine", per_device_train_batch_size=12, per_device_eval_batch_size=12,
         gradient_accumulation_steps=40, max_train_steps=600_000, eval_steps=2000, max_eval_batches=200,
     )
-    argv = script_argv(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     preset = parser.parse_known_args(argv)[0].preset
     if preset is not None:
         parser.set_defaults(**PRESETS[preset], dataset_name=None)
@@ -82,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name}: no such file {path!r}")
     if args.block_size < 2:
         parser.error(f"--block_size must be >= 2, got {args.block_size}")
+    if not 0 < args.validation_split_percentage < 100:
+        parser.error(f"--validation_split_percentage must be in (0, 100), got {args.validation_split_percentage}")
+    if args.preprocessing_num_workers is not None and args.preprocessing_num_workers < 1:
+        parser.error(f"--preprocessing_num_workers must be >= 1 (or left out), got {args.preprocessing_num_workers}")
     if args.streaming and args.preset is not None:
         parser.error("--streaming is for Hub datasets; --preset tiny reads local files")
     return args
@@ -94,7 +103,8 @@ def load_data(args: argparse.Namespace):
         tokenizer = presets.tiny_text_tokenizer(train_file)
     else:
         train_file, validation_file = args.train_file, args.validation_file
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+        with loading("--tokenizer_name", args.tokenizer_name):
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
     raw = load_text_datasets(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_file=train_file,
         validation_file=validation_file, validation_split_percentage=args.validation_split_percentage,
@@ -109,7 +119,8 @@ def make_model(args: argparse.Namespace, tokenizer) -> GPT2LMHeadModel:
         config = presets.tiny_gpt2_config(len(tokenizer), n_positions=args.block_size, bos_token_id=tokenizer.bos_token_id,
                                           eos_token_id=tokenizer.eos_token_id)
     else:
-        base = GPT2Config.from_pretrained(args.config_name) if args.config_name else GPT2Config()
+        with loading("--config_name", args.config_name):
+            base = GPT2Config.from_pretrained(args.config_name) if args.config_name else GPT2Config()
         config = GPT2Config.from_dict({**base.to_dict(), "vocab_size": len(tokenizer), "n_positions": args.block_size,
                                        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                                        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
@@ -121,51 +132,129 @@ def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": input_ids}
 
 
+@user_errors(f"{RECIPE}.py")  # bad options, data or checkpoints: one line, exit code 2 (other errors keep their traceback)
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    accelerator = make_accelerator(args, project_name="pretrain_gpt2_openwebtext")
+    prepare_output_dir(args.output_dir)  # created and writable before anything else runs
+    accelerator = make_accelerator(args)
     logger.info(accelerator.state, main_process_only=False)
+    run = Run.start(accelerator, args)  # the checkpoint to resume from: complete, this recipe, the same options
+    hub.prepare_push(accelerator, args)  # --push_to_hub: the repository exists now, not after training
     set_seed(args.seed)
 
     with accelerator.main_process_first():
         splits, tokenizer = load_data(args)
+    batch = args.per_device_train_batch_size * accelerator.num_processes
+    require_rows(splits["train"], batch, f"the training data, in {args.block_size}-token blocks,",
+                 "one batch is --per_device_train_batch_size × processes; give more text or a smaller --block_size")
+    require_rows(splits["validation"], 1, f"the validation data, in {args.block_size}-token blocks,",
+                 "give more validation text or a smaller --block_size")
+    eval_dataset = splits["validation"]
+    if args.max_eval_batches:  # a shorter evaluation set read to the end: never `break` out of an accelerate loader
+        eval_rows = args.max_eval_batches * args.per_device_eval_batch_size * accelerator.num_processes
+        eval_dataset = first_rows(eval_dataset, eval_rows)
     model = make_model(args, tokenizer)
-    shuffle = not args.streaming
-    train_dataloader = DataLoader(splits["train"], shuffle=shuffle, collate_fn=collate,
+    train_dataloader = DataLoader(splits["train"], shuffle=not args.streaming, collate_fn=collate,
                                   batch_size=args.per_device_train_batch_size, drop_last=True)
-    eval_dataloader = DataLoader(splits["validation"], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
+    eval_dataloader = DataLoader(eval_dataset, collate_fn=collate, batch_size=args.per_device_eval_batch_size)
 
-    model, optimizer, train_dataloader, eval_dataloader, scheduler, log = prepare_training(
-        accelerator, model, train_dataloader, eval_dataloader, args
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, accelerator.num_processes)
+    model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, scheduler
     )
+    log = TrainLog(args.argv)  # step counter and history, saved in every checkpoint
+    accelerator.register_for_checkpointing(log)
+    if run.checkpoint is not None:
+        run.resume(accelerator, model, optimizer, scheduler, log)
 
     def evaluate() -> dict[str, float]:
         """Validation loss (mean token cross-entropy) and perplexity through the shipped `perplexity` metric."""
         model.eval()
         metric = load_metric("perplexity")
-        for i, batch in enumerate(eval_dataloader):
-            if args.max_eval_batches and i >= args.max_eval_batches:
-                break
+        for batch in eval_dataloader:
             with torch.no_grad():
                 logits = model(input_ids=batch["input_ids"]).logits.float()
             labels = batch["labels"][:, 1:]
             losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="none")
             metric.add_batch(losses=accelerator.gather_for_metrics(losses.view(labels.shape).mean(1)))
         result = metric.compute()
+        model.train()
         return {"eval_loss": result["loss"], "perplexity": result["perplexity"]}
 
-    train(accelerator, model, optimizer, scheduler, train_dataloader, args, log, evaluate, logger)
+    # Training: optimizer steps up to --max_train_steps, continuing from log.completed_steps after a resume.
+    # A streamed dataset has no length: it is read as one epoch.
+    if args.streaming:
+        steps_per_epoch = args.max_train_steps
+    else:
+        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    start_epoch, steps_into_epoch = divmod(log.completed_steps, steps_per_epoch)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if log.completed_steps >= args.max_train_steps:
+        accelerator.print(f"{run.checkpoint} is step {log.completed_steps} of --max_train_steps {args.max_train_steps}: "
+                          "nothing to train; writing the output folder from it")
+    progress = tqdm(range(args.max_train_steps), initial=log.completed_steps, disable=not accelerator.is_local_main_process,
+                    desc=f"training ({args.optimizer})")
+    loss_sum, loss_count, grad_norm = torch.zeros((), device=accelerator.device), 0, None
+    model.train()
+    for epoch in range(start_epoch, num_epochs):
+        if log.completed_steps >= args.max_train_steps:
+            break
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == start_epoch and steps_into_epoch:  # resume inside an epoch: the same batches as without the stop
+            batches = accelerator.skip_first_batches(train_dataloader, steps_into_epoch * args.gradient_accumulation_steps)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                loss_sum += loss.detach().float()
+                loss_count += 1
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:  # accumulating: no optimizer step yet
+                continue
+            log.completed_steps += 1
+            step = log.completed_steps
+            progress.update(1)
+            last = step == args.max_train_steps
+            save_now = args.checkpointing_steps is not None and (step % args.checkpointing_steps == 0 or last)
 
-    last_eval = next(r for r in reversed(log.history) if "eval_loss" in r)
-    results = {"eval_loss": last_eval["eval_loss"], "perplexity": last_eval["perplexity"],
-               "train_loss": next(r["train_loss"] for r in reversed(log.history) if "train_loss" in r),
-               "step": log.completed_steps, "optimizer": args.optimizer, "warmup_steps": args.warmup_steps}
+            if step % args.logging_steps == 0 or last or save_now:  # a checkpoint ends a logging interval (exact resume)
+                lr = scheduler.get_last_lr()[0]
+                values = {"train_loss": accelerator.reduce(loss_sum / loss_count, reduction="mean").item(), "lr": lr,
+                          "epoch": epoch, **cap_statistics(optimizer, lr)}
+                if grad_norm is not None:
+                    values["grad_norm"] = float(grad_norm)
+                loss_sum.zero_()
+                loss_count = 0
+                log.record(values)
+                progress.set_postfix(loss=f"{values['train_loss']:.3f}", lr=f"{lr:.2e}")
+                if args.with_tracking:
+                    accelerator.log(values, step=step)
+            if step % args.eval_steps == 0 or last:
+                results = evaluate()
+                log.record(results)
+                logger.info(f"step {step}: " + ", ".join(f"{k} = {v:.4g}" for k, v in results.items()))
+                if args.with_tracking:
+                    accelerator.log(results, step=step)
+            if save_now:
+                run.save_checkpoint(accelerator, step, model)
+            if last:
+                break
+    progress.close()
     if args.with_tracking:
         accelerator.end_training()
 
+    # The Hub-ready folder: weights, tokenizer, results, log, plots and the model card.
+    results = {"eval_loss": log.last("eval_loss"), "perplexity": log.last("perplexity"),
+               "train_loss": log.last("train_loss"), "step": log.completed_steps, "optimizer": args.optimizer,
+               "warmup_steps": args.warmup_steps}
     dataset_id = "python-stdlib-sources" if args.preset == "tiny" else (args.dataset_name or "local-text")
     model_name = f"{'tiny-' if args.preset else ''}gpt2-{dataset_id.split('/')[-1]}-{args.optimizer}"
-
     config = accelerator.unwrap_model(model).config
 
     def card(plots):
@@ -173,24 +262,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             model_name=model_name,
             summary=(f"A GPT-2 ({config.n_layer} layers, width {config.n_embd}, "
                      f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) trained from scratch on "
-                     f"`{dataset_id}` with {args.block_size}-token packed blocks, for {log.completed_steps} optimizer steps."),
+                     f"`{dataset_id}` with {args.block_size}-token packed blocks, "
+                     f"for {log.completed_steps} optimizer steps."),
             task_type="text-generation", task_name="Causal language modeling", dataset_id=dataset_id,
             dataset_name=dataset_id, pipeline_tag="text-generation", tags=["gpt2"],
             metrics=[CardMetric("loss", "validation loss", results["eval_loss"]),
                      CardMetric("perplexity", "validation perplexity", results["perplexity"])],
-            hyperparameters=training_hyperparameters(args, accelerator.num_processes, tokens_per_example=args.block_size),
-            plots=plots, reproduce_command=reproduce_command("recipes/pretrain_gpt2_openwebtext.py", args.argv),
+            hyperparameters=training_hyperparameters(args, accelerator.num_processes, tokens_per_example=args.block_size,
+                                                     changes=log.changes()),
+            plots=plots, reproduce_command=reproduce_commands(f"recipes/{RECIPE}.py", log, args.output_dir),
             optimizer=args.optimizer, warmup_steps=args.warmup_steps,
         )
 
     save_hub_folder(accelerator, model, tokenizer, args, log, results, card)
     accelerator.print(f"Validation loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f}; "
                       f"Hub-ready folder: {args.output_dir}")
-    if args.push_to_hub and accelerator.is_main_process:
-        repo_id = args.hub_model_id or __import__("pathlib").Path(args.output_dir).resolve().name
-        url = hub.push_folder(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
-        accelerator.print(f"Pushed to {url}")
-    accelerator.wait_for_everyone()
+    hub.push_run(accelerator, args)
     return results
 
 

@@ -1,0 +1,85 @@
+"""What a recipe run records: :class:`TrainLog` (step counter, history, launches) and the AdamW² cap statistics.
+
+The log is registered with ``accelerator.register_for_checkpointing``, so every checkpoint carries it
+and a resumed run continues the same curves; ``train_log.json`` is its ``history``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.optimizer import unwrap_adamweyl
+
+__all__ = ["CHANGES_KEY", "TrainLog", "cap_statistics"]
+
+#: Key of a history record that lists the options changed on a resume, applied from that record's step.
+CHANGES_KEY = "hyperparameter_changes"
+
+
+class TrainLog:
+    """The optimizer-step counter, the logged history (one dict per logged step) and the launches.
+
+    ``launches``: ``{"step", "argv"}`` of the first launch and of every resume that changed an option
+    (the model card's reproduce commands). ``FILE`` is the name accelerate gives it inside a checkpoint.
+    """
+
+    FILE = "custom_checkpoint_0.pkl"
+
+    def __init__(self, argv: list[str] | None = None) -> None:
+        self.completed_steps = 0
+        self.history: list[dict[str, Any]] = []
+        self.launches: list[dict[str, Any]] = [{"step": 0, "argv": list(argv or [])}]
+
+    def record(self, values: dict[str, Any], step: int | None = None) -> None:
+        """Add ``values`` (``None`` values left out) to the record of ``step`` (default: the current step)."""
+        step = self.completed_steps if step is None else step
+        values = {k: v for k, v in values.items() if v is not None}
+        if self.history and self.history[-1]["step"] == step:
+            self.history[-1].update(values)
+        else:
+            self.history.append({"step": step, **values})
+
+    def record_changes(self, changes: dict[str, tuple[Any, Any]], argv: list[str]) -> None:
+        """Options changed on a resume (``name -> (old, new)``), applied from the next step."""
+        step = self.completed_steps + 1
+        self.record({CHANGES_KEY: {k: {"old": old, "new": new} for k, (old, new) in changes.items()}}, step=step)
+        self.launches.append({"step": self.completed_steps, "argv": list(argv)})
+
+    def changes(self) -> list[tuple[int, str, Any, Any]]:
+        """``(first step, option, old, new)`` of every change on resume, in order."""
+        return [(r["step"], name, c["old"], c["new"]) for r in self.history for name, c in r.get(CHANGES_KEY, {}).items()]
+
+    def last(self, key: str) -> Any:
+        """The most recent logged value of ``key``."""
+        return next(r[key] for r in reversed(self.history) if key in r)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"completed_steps": self.completed_steps, "history": [dict(r) for r in self.history],
+                "launches": [dict(x) for x in self.launches]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.completed_steps = int(state["completed_steps"])
+        self.history = [dict(r) for r in state["history"]]
+        self.launches = [dict(x) for x in state["launches"]]
+
+
+def cap_statistics(optimizer: Any, lr: float) -> dict[str, float]:
+    """The AdamW² cap in the last step: fraction/number of capped tensors, effective/scheduled lr
+    ratio (mean and min over the capped-eligible tensors) and the effective lr. Empty for AdamW.
+    Reads device tensors: call it on logging steps only."""
+    weyl = unwrap_adamweyl(optimizer)
+    stats = getattr(weyl, "last_stats", None) if weyl is not None else None
+    if stats is None:
+        return {}
+    eligible = stats.lr_ratio[stats.capped]
+    if eligible.numel() == 0:
+        return {}
+    mean, low = float(eligible.float().mean()), float(eligible.min())
+    return {
+        "cap/capped_fraction": stats.capped_fraction,
+        "cap/num_capped": float(stats.num_capped),
+        "cap/lr_ratio_mean": mean,
+        "cap/lr_ratio_min": low,
+        "cap/effective_lr_mean": lr * mean,
+        "cap/effective_lr_min": lr * low,
+    }
