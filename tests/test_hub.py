@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from test_recipes import fresh_accelerate_state, load_recipe  # noqa: F401  (autouse fixture: clean accelerate state)
+from test_recipes import fresh_accelerate_state, load_recipe, one_thread  # noqa: F401  (autouse fixtures: clean accelerate state, one thread)
 
 
 def _metadata_errors(readme: str) -> list[str]:
