@@ -4,6 +4,7 @@
 Trainer modules, so that importing hf_weyl imports torch only). Unmodified scripts: ``python -m hf_weyl SCRIPT``.
 """
 
+from . import integrations  # noqa: F401  (registers the engine adapters: DeepSpeed ZeRO, FSDP2)
 from .core.optimizer import AdamWeyl, CapStats, unwrap_adamweyl
 from .integrations.trainer import (
     OPTIM_NAME,

@@ -363,3 +363,97 @@ def test_sparse_gradient_rejected_at_first_step():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+# ---------------------------------------------------------------- state dicts and arguments (issue 10)
+
+
+def _trained(dtype=torch.float32, steps=3):
+    model = make_tiny_gpt2(dtype=dtype)
+    opt = AdamWeyl(model.parameters(), lr=1e-2, tau=0.01)
+    train(model, opt, token_batches(steps))
+    return model, opt
+
+
+def _equal_state_dicts(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for pid in a["state"]:
+        sa, sb = a["state"][pid], b["state"][pid]
+        assert sa.keys() == sb.keys(), pid
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), (pid, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_after_load_state_dict_is_the_state_dict_loaded(dtype):
+    _, opt = _trained(dtype)
+    sd = copy.deepcopy(opt.state_dict())
+    fresh = AdamWeyl(make_tiny_gpt2(seed=5, dtype=dtype).parameters(), lr=1e-2, tau=0.01)
+    fresh.load_state_dict(sd)
+    _equal_state_dicts(fresh.state_dict(), sd)  # (torch's `differentiable` default must not leak into groups)
+
+
+def test_load_state_dict_post_hooks_see_the_fp32_vectors():
+    model, opt = _trained(torch.bfloat16)
+    sd = opt.state_dict()
+    fresh = AdamWeyl(make_tiny_gpt2(seed=5, dtype=torch.bfloat16).parameters(), lr=1e-2, tau=0.01)
+    seen = []
+    fresh.register_load_state_dict_post_hook(
+        lambda o: seen.extend(s["weight_vector"].dtype for s in o.state.values() if "weight_vector" in s)
+    )
+    fresh.load_state_dict(sd)
+    assert seen and all(d == torch.float32 for d in seen), seen
+
+
+def test_state_with_python_number_steps_loads_and_continues():
+    """Older AdamW checkpoints keep ``step`` as a Python number; the next step must work and match."""
+    batches = token_batches(6)
+    model, opt = make_tiny_gpt2(), None
+    opt = AdamWeyl(model.parameters(), lr=1e-2, tau=0.01)
+    train(model, opt, batches[:3])
+    sd = copy.deepcopy(opt.state_dict())
+    for s in sd["state"].values():
+        s["step"] = float(s["step"])
+    resumed = copy.deepcopy(model)
+    resumed_opt = AdamWeyl(resumed.parameters(), lr=1e-2, tau=0.01)
+    resumed_opt.load_state_dict(sd)
+    train(model, opt, batches[3:])
+    train(resumed, resumed_opt, batches[3:])
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=float("inf")), "lr"),
+        (dict(lr=1e309), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(eps=float("inf")), "eps"),
+        (dict(weight_decay=float("inf")), "weight_decay"),
+        (dict(tau=float("nan")), "tau"),
+        (dict(betas=(0.9, float("nan"))), "betas"),
+    ],
+)
+def test_non_finite_options_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdamWeyl([torch.nn.Parameter(torch.randn(3, 3))], **kwargs)
+
+
+def test_every_option_is_validated_per_group():
+    opt = AdamWeyl([torch.nn.Parameter(torch.randn(3, 3))])
+    for key, bad in (("cold_start_iters", 0), ("power_iters", 0), ("sigma_mode", "ring"), ("lr", float("inf"))):
+        with pytest.raises(ValueError, match=key):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, 2))], key: bad})
+
+
+def test_numpy_and_tensor_scalars_are_accepted_like_adamw():
+    np = pytest.importorskip("numpy")
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = AdamWeyl([w], lr=np.float32(1e-3), betas=(np.float32(0.9), 0.99), eps=np.float64(1e-8), tau=np.float32(0.01),
+                   power_iters=np.int64(2))
+    w.grad = torch.randn(4, 3)
+    opt.step()
+    assert torch.isfinite(w).all()
+    AdamWeyl([w], lr=torch.tensor(1e-3))

@@ -102,3 +102,18 @@ def test_initial_vector_is_deterministic_and_does_not_touch_global_rng():
 def test_rejects_zero_iterations():
     with pytest.raises(ValueError, match="iters"):
         power_iteration_([torch.ones(2, 2)], [initial_vector(2)], 0)
+
+
+@pytest.mark.parametrize("shape", [(50, 30), (30, 50), (1, 40)])
+@pytest.mark.parametrize("scale", [3e-45, 1e-40, 1e-30, 1e-25, 1e-10, 1e10, 1e25, 1e36])
+def test_never_overestimates_at_any_finite_scale(shape, scale):
+    """Norms are scale-safe and products never subnormal: σ ≤ σ1 (to fp32 rounding of σ itself) and close to it
+    at every finite magnitude (unscaled fp32 squares under/overflow below ~1e-19 and above ~1e19)."""
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * scale
+    exact = exact_sigma(a)
+    vec = initial_vector(vector_length(shape))
+    for _ in range(30):
+        sigma = power_iteration_([a], [vec], 1).item()
+        assert sigma <= exact * (1 + 1e-5) + 2**-149, (sigma, exact)  # 2^-149: σ's own fp32 rounding
+    assert sigma >= exact * (0.9 if scale < 1e-38 else 0.99), (sigma, exact)  # subnormal matrices are coarse
+    assert torch.isfinite(vec).all()

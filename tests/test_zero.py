@@ -18,7 +18,8 @@ import torch
 
 import hf_weyl
 from hf_weyl import AdamWeyl
-from hf_weyl.integrations.deepspeed import SIGMA_MODES, _matvec, _rmatvec, _split_piece, check_deepspeed_config
+from hf_weyl.distributed.sigma import _matvec, _rmatvec, _split_piece
+from hf_weyl.integrations.deepspeed import SIGMA_MODES, check_deepspeed_config
 
 pytest.importorskip("deepspeed")
 
@@ -157,3 +158,62 @@ def test_foreign_flat_partition_raises_instead_of_plain_adamw():
     opt.param_groups[0]["params"] = [flat]  # what a wrapper does, without DeepSpeed's mapping
     with pytest.raises(RuntimeError, match="no DeepSpeed ZeRO fragment mapping"):
         opt.step()
+
+
+def test_untested_deepspeed_version_warns_instead_of_raising(monkeypatch):
+    import deepspeed
+
+    from hf_weyl.integrations.deepspeed import DeepSpeedZeroAdapter
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.42.0")
+    with pytest.warns(UserWarning, match=r"tested with DeepSpeed >=0\.19,<0\.20; found 0\.42\.0"):
+        DeepSpeedZeroAdapter()
+
+
+def test_engine_settings_that_cannot_be_read_refuse(monkeypatch):
+    """Fail closed: a DeepSpeed attribute missing after an upgrade raises, it never switches a refusal off."""
+    from types import SimpleNamespace
+
+    from hf_weyl.integrations import deepspeed as ds
+
+    stage3 = [SimpleNamespace(ds_id=0)]  # ZeRO-3 parameters without the _z3_optimizer back-reference
+    with pytest.raises(RuntimeError, match=r"DeepSpeed .* has no SimpleNamespace\._z3_optimizer"):
+        ds._check_settings(stage3, stage=3)
+    renamed = [SimpleNamespace(_zero_optimizer=SimpleNamespace(round_robin_gradients=False))]  # no cpu_offload
+    with pytest.raises(RuntimeError, match="cpu_offload"):
+        ds._check_settings(renamed, stage=2)
+    offloading = [SimpleNamespace(_z3_optimizer=SimpleNamespace(offload_optimizer=True))]
+    with pytest.raises(ValueError, match="offload_optimizer"):
+        ds._check_settings(offloading, stage=3)
+
+
+def test_sharded_sigma_is_scale_safe_and_matches_power_iteration(tmp_path):
+    """σ of matrices cut into uneven pieces (here all on one rank of a 1-rank gloo group) equals the
+    single-device power iteration and never overestimates, at any finite scale."""
+    script = tmp_path / "sigma.py"
+    script.write_text('''
+import torch, torch.distributed as dist
+from hf_weyl.core.power_iteration import initial_vector, power_iteration_, vector_length
+from hf_weyl.distributed import Pieces, sharded_sigmas
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d", rank=0, world_size=1)
+gen = torch.Generator().manual_seed(0)
+for scale in (3e-45, 1e-30, 1.0, 1e25, 1e36):
+    mats = [torch.randn(7, 5, generator=gen) * scale, torch.randn(3, 11, generator=gen) * scale]
+    exact = [torch.linalg.matrix_norm(m.double(), 2).item() for m in mats]
+    for mode in ("vector_reduce", "gather"):
+        vw = [initial_vector(vector_length(m.shape)) for m in mats]
+        vu = [v.clone() for v in vw]
+        vref = [v.clone() for v in vw]
+        for _ in range(20):
+            # each matrix as two pieces "from two ranks" would be; here one rank holds all of it
+            sw, su = sharded_sigmas([m.reshape(-1) for m in mats], [m.reshape(-1) for m in mats],
+                                    Pieces(((7, 5), (3, 11)), (0, 0), (35, 33), None), vw, vu, 1, mode)
+            ref = power_iteration_(mats, vref, 1)
+            for s, e in zip(sw.tolist(), exact):
+                assert s <= e * (1 + 1e-5) + 2**-149, (scale, mode, s, e)  # (σ itself rounds to fp32)
+        torch.testing.assert_close(sw, ref, rtol=1e-5, atol=0)
+        assert all(torch.isfinite(v).all() for v in vw + vu)
+print("ok")
+''' % _free_port())
+    proc = _run([str(script)], timeout=120)
+    assert proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -24,6 +24,7 @@ element. On accelerators the whole list is one chunk (one fused foreach launch p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
 
 import torch
@@ -33,6 +34,7 @@ from .power_iteration import as_matrix, power_iteration_
 
 __all__ = [
     "CPU_CHUNK_BYTES",
+    "SigmaFn",
     "adam_direction",
     "adam_moments_",
     "adamweyl_step",
@@ -46,6 +48,13 @@ __all__ = [
 #: parameter bytes (a larger tensor is a chunk of its own). 8 MiB keeps a chunk's parameters,
 #: gradients, moments and direction within a typical 32 MiB last-level cache.
 CPU_CHUNK_BYTES = 8 << 20
+
+
+#: σ's of the capped tensors of a step whose matrices are not whole on this device (engine adapters):
+#: ``sigma(indices, weights, directions, weight_vectors, update_vectors, iters)`` gets the positions of
+#: the capped tensors in the step's lists, their local weight and direction tensors, their fp32 warm-start
+#: vectors (updated in place) and the iteration count, and returns (σ_W, σ1(direction)) as fp32 tensors.
+SigmaFn = Callable[[list[int], list[Tensor], list[Tensor], list[Tensor], list[Tensor], int], tuple[Tensor, Tensor]]
 
 
 def is_capped(shape: torch.Size | tuple[int, ...], cap_vectors: bool) -> bool:
@@ -162,19 +171,23 @@ def adamweyl_step(
     weight_decay: float,
     tau: float,
     power_iters: int,
+    sigma: SigmaFn | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One AdamW² step over tensors on one device. Tensors whose vectors are None are not capped.
 
-    Returns (lr ratio, σ_W, σ_U) per tensor as fp32 tensors on the device (σ = 0 where not capped).
+    ``sigma`` (a :data:`SigmaFn`) computes the σ's of the capped tensors when their matrices are split
+    across ranks (a collective call: the step then runs as one chunk, so every rank calls it once); by
+    default σ's come from power iteration of the whole matrices. Returns (lr ratio, σ_W, σ_U) per tensor as fp32 tensors on the
+    device (σ = 0 where not capped).
     """
     lists = (params, grads, exp_avgs, exp_avg_sqs, steps, weight_vectors, update_vectors)
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, tau=tau, power_iters=power_iters)
-    if params[0].device.type != "cpu":
-        return _step_chunk(*lists, **hyper)
+    if params[0].device.type != "cpu" or sigma is not None:
+        return _step_chunk(*lists, **hyper, sigma=sigma)
     bounds = _chunk_bounds(params, CPU_CHUNK_BYTES)
     # Work buffers shared by all chunks, allocated (and their pages touched) once per step: the
     # direction, and for bf16/fp16 an fp32 copy of the matrix under power iteration.
-    numel = max(sum(t.numel() for t in params[a:b]) for a, b in bounds)
+    numel = max(sum(_aligned(t.numel()) for t in params[a:b]) for a, b in bounds)
     work = exp_avg_sqs[0].new_empty(numel)
     low_precision = torch.promote_types(work.dtype, torch.float32) != work.dtype
     scratch = work.new_empty(numel, dtype=torch.float32) if low_precision else None
@@ -193,9 +206,16 @@ def adamweyl_step(
     return tuple(torch.cat(parts) for parts in zip(*results))  # type: ignore[return-value]
 
 
+def _aligned(numel: int) -> int:
+    """``numel`` rounded up to 16 elements (64 bytes of fp32): every view of a work buffer starts on a cache line,
+    as a fresh allocation does, so BLAS kernels (whose summation order may follow alignment) give the same
+    σ's whatever a tensor's position in its chunk."""
+    return -(-numel // 16) * 16
+
+
 def _views(buffer: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """Consecutive views of a flat buffer shaped like ``like``."""
-    offsets = accumulate((t.numel() for t in like), initial=0)
+    """Consecutive 64-byte aligned views of a flat buffer shaped like ``like``."""
+    offsets = accumulate((_aligned(t.numel()) for t in like), initial=0)
     return [buffer[o : o + t.numel()].view(t.shape) for o, t in zip(offsets, like)]
 
 
@@ -230,6 +250,7 @@ def _step_chunk(
     power_iters: int,
     out: list[Tensor] | None = None,
     fp32_scratch: list[Tensor] | None = None,
+    sigma: SigmaFn | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`adamweyl_step` on one chunk of tensors; the direction goes to ``out`` if given.
 
@@ -245,8 +266,12 @@ def _step_chunk(
     sigma_u = torch.zeros(n, dtype=torch.float32, device=device)
     idx = [i for i, v in enumerate(weight_vectors) if v is not None]
     if idx:
-        sw = power_iteration_(_fp32([params[i] for i in idx], fp32_scratch, idx), [weight_vectors[i] for i in idx], power_iters)
-        su = power_iteration_(_fp32([directions[i] for i in idx], fp32_scratch, idx), [update_vectors[i] for i in idx], power_iters)
+        w_vecs, u_vecs = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
+        if sigma is None:
+            sw = power_iteration_(_fp32([params[i] for i in idx], fp32_scratch, idx), w_vecs, power_iters)
+            su = power_iteration_(_fp32([directions[i] for i in idx], fp32_scratch, idx), u_vecs, power_iters)
+        else:
+            sw, su = sigma(idx, [params[i] for i in idx], [directions[i] for i in idx], w_vecs, u_vecs, power_iters)
         index = torch.tensor(idx, device=device)
         sigma_w.index_copy_(0, index, sw)
         sigma_u.index_copy_(0, index, su * torch.tensor([scales[i] for i in idx], device=device))  # σ1(sD) = s σ1(D)

@@ -1,25 +1,44 @@
-"""``AdamWeyl``: AdamW with the AdamW² per-tensor learning-rate cap (see ``hf_weyl.core.functional``)."""
+"""``AdamWeyl``: AdamW with the AdamW² per-tensor learning-rate cap (see ``hf_weyl.core.functional``).
+
+The optimizer steps tensors that live whole on one device. Engines that shard parameters (DeepSpeed
+ZeRO's flat partitions, FSDP2's DTensors) plug in beside it through *engine adapters*
+(``hf_weyl.integrations``, registered with :func:`register_engine_adapter`): for every param group the
+registered adapters are asked in turn whether they recognise the group's tensors, and the first that
+does steps the group. A tensor that is not one of the parameters the optimizer was built with and that
+no adapter recognises is refused — never stepped as plain AdamW on pieces of matrices.
+"""
 
 from __future__ import annotations
 
-import warnings
+import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import chain
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .functional import adamweyl_step, is_capped
+from .functional import SigmaFn, adamweyl_step, is_capped
 from .power_iteration import initial_vector, vector_length
-from ..integrations.deepspeed import SIGMA_MODES, check_active_deepspeed_config, is_zero_partition, zero_layout, zero_step
 
-__all__ = ["AdamWeyl", "CapStats", "DEFAULT_COLD_START_ITERS", "unwrap_adamweyl"]
+__all__ = [
+    "DEFAULT_COLD_START_ITERS",
+    "OPTIONS",
+    "SIGMA_MODES",
+    "AdamWeyl",
+    "CapStats",
+    "EngineAdapter",
+    "register_engine_adapter",
+    "unwrap_adamweyl",
+]
 
 #: Power-iteration steps on a tensor's first optimizer step (its vectors start cold).
 DEFAULT_COLD_START_ITERS = 4
+
+#: How σ's of matrices split across ranks are computed (see ``hf_weyl.distributed``).
+SIGMA_MODES = ("vector_reduce", "gather")
 
 #: Optimizer-state keys of the power-iteration vectors (fp32, kept between steps).
 WEIGHT_VECTOR = "weight_vector"
@@ -29,13 +48,17 @@ UPDATE_VECTOR = "update_vector"
 #: to one group per call; this finds the parameters the group was built with).
 GROUP_INDEX = "weyl_group_index"
 
+#: The per-group options of ``AdamWeyl`` (every one may be overridden per param group).
+OPTIONS = ("lr", "betas", "eps", "weight_decay", "tau", "power_iters", "cap_vectors", "cold_start_iters", "sigma_mode")
+
 
 @dataclass
 class CapStats:
     """What the cap did in the last ``step()``, as device tensors (reading them syncs, building them doesn't).
 
     ``lr_ratio[i]`` is effective / scheduled lr of ``params[i]`` (1.0 = not capped);
-    ``sigma_weight``/``sigma_update`` are the σ1 estimates (0 where the tensor is not capped).
+    ``sigma_weight``/``sigma_update`` are the σ1 estimates (0 where the tensor is not capped);
+    ``engine`` names what computed them (``"single_device"``, ``"deepspeed_zero"``, ``"fsdp2"``).
     """
 
     params: list[Tensor]
@@ -43,6 +66,7 @@ class CapStats:
     sigma_weight: Tensor
     sigma_update: Tensor
     capped: Tensor  # bool: the tensors AdamW² applies to (≥2-D, or 1-D with cap_vectors)
+    engine: str = "single_device"
 
     @property
     def num_capped(self) -> int:
@@ -63,33 +87,95 @@ class CapStats:
         values = self.lr_ratio.tolist()
         return {by_id.get(id(p), f"param_{i}"): v for i, (p, v) in enumerate(zip(self.params, values))}
 
+    @classmethod
+    def cat(cls, parts: list[CapStats]) -> CapStats:
+        """One ``CapStats`` of several (e.g. one per param group), in order, on the first part's device."""
+        if len(parts) == 1:
+            return parts[0]
+        device = parts[0].lr_ratio.device
+        fields = ("lr_ratio", "sigma_weight", "sigma_update", "capped")
+        engines = sorted({p.engine for p in parts})
+        return cls(
+            [p for part in parts for p in part.params],
+            *(torch.cat([getattr(part, f).to(device) for part in parts]) for f in fields),
+            engine="+".join(engines),
+        )
 
-def _check_range(name: str, value: Any, ok: bool, valid: str) -> None:
+
+class EngineAdapter(Protocol):
+    """Steps the param groups whose tensors an engine has replaced or sharded (``hf_weyl.integrations``).
+
+    ``check_construction(optimizer)`` (a classmethod) runs when an ``AdamWeyl`` is built and refuses engine
+    configurations already announced that the adapter cannot honour. ``claims(optimizer, group)`` (a
+    classmethod, asked for every group at construction and at every step) says whether the group's
+    tensors are the adapter's engine's; it may raise to refuse a layout it recognises but cannot honour.
+    One adapter instance per optimizer steps the claimed groups: ``step_group(optimizer, group)`` returns
+    the group's :class:`CapStats` (or None when the step was skipped)."""
+
+    name: str
+
+    @classmethod
+    def check_construction(cls, optimizer: AdamWeyl) -> None: ...
+
+    @classmethod
+    def claims(cls, optimizer: AdamWeyl, group: dict[str, Any]) -> bool: ...
+
+    def step_group(self, optimizer: AdamWeyl, group: dict[str, Any]) -> CapStats | None: ...
+
+
+_ENGINE_ADAPTERS: list[type[EngineAdapter]] = []
+
+
+def register_engine_adapter(adapter: type[EngineAdapter]) -> type[EngineAdapter]:
+    """Make ``AdamWeyl`` consult ``adapter`` for every param group (idempotent; usable as a decorator)."""
+    if adapter not in _ENGINE_ADAPTERS:
+        _ENGINE_ADAPTERS.append(adapter)
+    return adapter
+
+
+def _check(name: str, value: Any, ok: bool, valid: str) -> None:
     if not ok:
         raise ValueError(f"AdamWeyl: invalid {name}={value!r}; {name} must be {valid}")
 
 
+def _is_real(x: Any) -> bool:
+    """A real number (Python, NumPy or a one-element tensor), not a bool."""
+    if isinstance(x, Tensor):
+        return x.numel() == 1 and not x.is_complex() and x.dtype != torch.bool
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _finite_at_least(x: Any, low: float, strict: bool = False) -> bool:
+    if not _is_real(x):
+        return False
+    v = float(x)
+    return math.isfinite(v) and (v > low if strict else v >= low)
+
+
 def _validate_group(g: dict[str, Any]) -> None:
-    lr = g["lr"]
-    lr_value = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
-    _check_range("lr", lr, isinstance(lr_value, (int, float)) and lr_value >= 0, "a number >= 0")
+    """Check every option of a param group; ValueError naming the value and what is valid."""
+    _check("lr", g["lr"], _finite_at_least(g["lr"], 0), "a finite number >= 0")
     betas = g["betas"]
-    _check_range(
+    _check(
         "betas",
         betas,
-        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
+        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_real(b) and 0 <= float(b) < 1 for b in betas),
         "a pair (beta1, beta2) with each value in [0, 1)",
     )
-    _check_range("eps", g["eps"], isinstance(g["eps"], (int, float)) and g["eps"] >= 0, "a number >= 0")
-    _check_range(
-        "weight_decay", g["weight_decay"], isinstance(g["weight_decay"], (int, float)) and g["weight_decay"] >= 0, "a number >= 0"
+    _check("eps", g["eps"], _finite_at_least(g["eps"], 0), "a finite number >= 0")
+    _check("weight_decay", g["weight_decay"], _finite_at_least(g["weight_decay"], 0), "a finite number >= 0")
+    _check("tau", g["tau"], _finite_at_least(g["tau"], 0, strict=True), "a finite number > 0 (the paper uses 0.004-0.01)")
+    _check("power_iters", g["power_iters"], _is_int(g["power_iters"]) and g["power_iters"] >= 1, "an integer >= 1")
+    _check(
+        "cold_start_iters", g["cold_start_iters"], _is_int(g["cold_start_iters"]) and g["cold_start_iters"] >= 1,
+        "an integer >= 1",
     )
-    tau = g["tau"]
-    _check_range("tau", tau, isinstance(tau, (int, float)) and tau > 0 and tau != float("inf"), "a finite number > 0 (the paper uses 0.004-0.01)")
-    pi = g["power_iters"]
-    _check_range("power_iters", pi, isinstance(pi, int) and not isinstance(pi, bool) and pi >= 1, "an integer >= 1")
-    _check_range("cap_vectors", g["cap_vectors"], isinstance(g["cap_vectors"], bool), "True or False")
-    _check_range("sigma_mode", g["sigma_mode"], g["sigma_mode"] in SIGMA_MODES, f"one of {SIGMA_MODES} (used under DeepSpeed ZeRO)")
+    _check("cap_vectors", g["cap_vectors"], isinstance(g["cap_vectors"], bool), "True or False")
+    _check("sigma_mode", g["sigma_mode"], g["sigma_mode"] in SIGMA_MODES, f"one of {SIGMA_MODES} (used when matrices are sharded)")
     for p in g["params"]:
         if torch.is_complex(p):
             raise ValueError(
@@ -98,6 +184,14 @@ def _validate_group(g: dict[str, Any]) -> None:
             )
         if not p.is_floating_point():
             raise ValueError(f"AdamWeyl: parameters must be floating point, got {p.dtype} of shape {tuple(p.shape)}")
+
+
+class _Fp32Vector:
+    """A power-iteration vector passing through ``Optimizer.load_state_dict`` untouched (torch casts every
+    floating state tensor to its parameter's dtype, which would round the fp32 vectors of bf16 parameters)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
 
 
 class AdamWeyl(Optimizer):
@@ -119,9 +213,9 @@ class AdamWeyl(Optimizer):
         cap_vectors: also cap 1-D tensors (norm gains, biases) by their ℓ2 norm. Default: only
             tensors with ≥ 2 dims, viewed as (shape[0], rest), are capped.
         cold_start_iters: power-iteration steps on a tensor's first step, when its vectors are new.
-        sigma_mode: how σ's are computed when DeepSpeed ZeRO shards the parameters (chosen
-            automatically, see ``hf_weyl.integrations.deepspeed``): ``"vector_reduce"`` (all-reduce only the
-            power-iteration vectors) or ``"gather"`` (all-gather whole matrices). Ignored otherwise.
+        sigma_mode: how σ's are computed when an engine shards the matrices (DeepSpeed ZeRO, FSDP2):
+            ``"vector_reduce"`` (all-reduce only the power-iteration vectors) or ``"gather"``
+            (all-gather whole matrices). Ignored for tensors that are whole on one device.
 
     After each ``step()``, ``last_stats`` holds a :class:`CapStats` (device tensors, no sync).
 
@@ -144,17 +238,9 @@ class AdamWeyl(Optimizer):
         cold_start_iters: int = DEFAULT_COLD_START_ITERS,
         sigma_mode: str = "vector_reduce",
     ):
-        if isinstance(betas, list):
-            betas = tuple(betas)
-        _check_range(
-            "cold_start_iters",
-            cold_start_iters,
-            isinstance(cold_start_iters, int) and not isinstance(cold_start_iters, bool) and cold_start_iters >= 1,
-            "an integer >= 1",
-        )
         defaults = dict(
             lr=lr,
-            betas=betas,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
             eps=eps,
             weight_decay=weight_decay,
             tau=tau,
@@ -164,73 +250,80 @@ class AdamWeyl(Optimizer):
             sigma_mode=sigma_mode,
         )
         _validate_group({**defaults, "params": []})
-        check_active_deepspeed_config()  # refuse DeepSpeed configs we cannot honour, at construction
-        self._built_with: list[list[Tensor]] = []  # each group's parameters (ZeRO replaces them later)
-        self._zero_stats: dict[tuple[int, int], tuple] = {}
-        self._zero_checked: set[int] = set()
+        self._group_params: list[list[Tensor]] = []  # each group's parameters as built (engines may swap them)
+        self._built_ids: set[int] = set()
+        self._adapters: dict[str, EngineAdapter] = {}
+        self._group_stats: dict[int, CapStats | None] = {}
         super().__init__(params, defaults)
         self.last_stats: CapStats | None = None
+        for adapter in _ENGINE_ADAPTERS:
+            adapter.check_construction(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        _validate_group(self.param_groups[-1])
-        self.param_groups[-1][GROUP_INDEX] = len(self._built_with)
-        self._built_with.append(list(self.param_groups[-1]["params"]))
+        group = self.param_groups[-1]
+        _validate_group(group)
+        group[GROUP_INDEX] = len(self._group_params)
+        self._group_params.append(list(group["params"]))
+        self._built_ids.update(id(p) for p in group["params"])
+        self._adapter_for(group)  # refuse layouts no adapter can honour (e.g. FSDP1) at construction
 
-    def _repair_group_indices(self) -> None:
-        """Give every group back its own index after DeepSpeed's ZeRO-3 universal-checkpoint load.
-
-        That load (DeepSpeed 0.19: ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) copies
-        param group 0's entries into every group, our group index included. ZeRO-3 keeps the groups in
-        their original order (ZeRO-1/2 narrow ``param_groups`` to one group per call, so this never fires
-        there), which lets us restore the indices by position.
-        """
-        groups = self.param_groups
-        indices = [g.get(GROUP_INDEX) for g in groups]
-        if len(groups) < 2 or len(groups) != len(self._built_with) or len(set(indices)) == len(indices):
-            return
-        for i, g in enumerate(groups):
-            g[GROUP_INDEX] = i
-        warnings.warn(
-            "AdamWeyl: every param group carried param group 0's entries (what DeepSpeed's ZeRO-3 universal-"
-            "checkpoint load does); AdamWeyl restored its own group bookkeeping, but hyperparameters such as "
-            f"weight_decay are now group 0's in every group: {[g['weight_decay'] for g in groups]}. Set them "
-            "again after loading if your groups differ (e.g. no weight decay for biases and norms).",
-            stacklevel=3,
-        )
-
-    def _zero_group_step(self, group: dict[str, Any]) -> bool:
-        """If DeepSpeed ZeRO replaced this group's parameters by flat fp32 partitions, step them with
-        collectively computed σ's (``hf_weyl.integrations.deepspeed``) and return True; False for an ordinary group."""
+    def group_params(self, group: dict[str, Any]) -> list[Tensor]:
+        """The parameters ``group`` was built with (an engine such as DeepSpeed ZeRO may have replaced them)."""
         index = group.get(GROUP_INDEX, 0)
-        built_with = self._built_with[index] if index < len(self._built_with) else []
-        flats = group["params"]
-        built_ids = {id(p) for p in built_with}
-        if not flats or not any(is_zero_partition(f, built_ids) for f in flats):
-            return bool(built_with) and not flats  # ZeRO-3 empties the groups it is not stepping
-        for flat in flats:
-            layout = zero_layout(flat, built_with)
-            first = id(flat) not in self._zero_checked
-            result = zero_step(self, group, flat, layout, first)
-            self._zero_checked.add(id(flat))
-            if result is not None:
-                first_param = next(j for j, p in enumerate(built_with) if p is layout.params[0])
-                self._zero_stats[(index, first_param)] = result
-        if self._zero_stats:
-            parts = [self._zero_stats[k] for k in sorted(self._zero_stats)]
-            device = parts[0][1].device
-            self.last_stats = CapStats(
-                [p for part in parts for p in part[0]],
-                *(torch.cat([part[i].to(device) for part in parts]) for i in range(1, 5)),
-            )
-        return True
+        return self._group_params[index] if index < len(self._group_params) else []
+
+    def replaced_tensors(self, group: dict[str, Any]) -> list[Tensor]:
+        """The tensors of ``group`` that are not parameters the optimizer was built with."""
+        return [t for t in group["params"] if id(t) not in self._built_ids]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Called on unpickling and by ``load_state_dict`` (before its post-hooks run): restore the fp32
+        # power-iteration vectors and turn a plain-number ``step`` (older AdamW checkpoints) into a tensor.
         super().__setstate__(state)
+        for p, s in self.state.items():
+            for key, value in s.items():
+                if isinstance(value, _Fp32Vector):
+                    s[key] = value.tensor.to(device=p.device, dtype=torch.float32, copy=True)
+            if "step" in s and not torch.is_tensor(s["step"]):
+                s["step"] = torch.tensor(float(s["step"]), dtype=torch.float32)
+        for i, g in enumerate(self.param_groups):
+            for key in OPTIONS:  # groups saved by older versions lack newer options
+                g.setdefault(key, self.defaults[key])
+            g.setdefault(GROUP_INDEX, i)
+        self.__dict__.setdefault("_group_params", [list(g["params"]) for g in self.param_groups])
+        self.__dict__.setdefault("_built_ids", {id(p) for g in self._group_params for p in g})
+        self.__dict__.setdefault("_adapters", {})
+        self.__dict__.setdefault("_group_stats", {})
         self.__dict__.setdefault("last_stats", None)
-        self.__dict__.setdefault("_built_with", [list(g["params"]) for g in self.param_groups])
-        self.__dict__.setdefault("_zero_stats", {})
-        self.__dict__.setdefault("_zero_checked", set())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``Optimizer.load_state_dict``; the power-iteration vectors stay fp32 (bit-identical resume)."""
+        state_dict = dict(state_dict)
+        state_dict["state"] = {
+            pid: {k: _Fp32Vector(v) if k in (WEIGHT_VECTOR, UPDATE_VECTOR) and torch.is_tensor(v) else v for k, v in s.items()}
+            for pid, s in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+
+    def _adapter_for(self, group: dict[str, Any]) -> EngineAdapter | None:
+        """The engine adapter that steps ``group``, or None when its tensors are the parameters themselves."""
+        for cls in _ENGINE_ADAPTERS:
+            if cls.claims(self, group):
+                if cls.name not in self._adapters:
+                    self._adapters[cls.name] = cls()
+                return self._adapters[cls.name]
+        foreign = next(iter(self.replaced_tensors(group)), None)
+        if foreign is not None:
+            raise RuntimeError(
+                f"AdamWeyl: a param group holds a tensor of shape {tuple(foreign.shape)} that is not one of the "
+                "parameters the optimizer was built with, and no engine adapter recognises it (no DeepSpeed ZeRO "
+                "fragment mapping, no FSDP2 DTensor). Refusing to fall back to AdamW on flattened or sharded "
+                "pieces, which would compute σ1 of the wrong matrices. Build AdamWeyl on the model's parameters "
+                "and pass it to deepspeed.initialize / accelerate / the HF Trainer unchanged, or shard with FSDP2 "
+                "(torch.distributed.fsdp.fully_shard) before building it."
+            )
+        return None
 
     def _init_state(self, p: Tensor, capped: bool) -> bool:
         """Create missing state for ``p``; True if its power-iteration vectors start cold."""
@@ -246,6 +339,67 @@ class AdamWeyl(Optimizer):
             return True
         return False
 
+    def step_tensors(
+        self,
+        group: dict[str, Any],
+        *,
+        local: Callable[[Tensor], Tensor] | None = None,
+        sigma: Callable[[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], int], tuple[Tensor, Tensor]]
+        | None = None,
+        engine: str = "single_device",
+    ) -> CapStats | None:
+        """AdamW² on the parameters of ``group`` that have a gradient; state is kept per parameter.
+
+        Engine adapters whose parameters are sharded tensors reuse this step: ``local`` maps a parameter, a
+        gradient or a state tensor to the tensor the elementwise maths runs on (e.g. a DTensor's local
+        shard), and ``sigma(params, weights, directions, weight_vectors, update_vectors, iters)`` computes
+        the σ's of the capped ``params`` from the local ``weights``/``directions`` (a collective call).
+        Without them, tensors are whole on one device and σ's come from power iteration.
+        """
+        local = local or (lambda t: t)
+        beta1, beta2 = group["betas"]
+        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"AdamWeyl does not support sparse gradients (parameter of shape {tuple(p.shape)}); "
+                    "use dense gradients (e.g. nn.Embedding(sparse=False))"
+                )
+            buckets.setdefault((p.device, p.dtype), []).append(p)
+
+        parts = []
+        for params in buckets.values():
+            capped = [is_capped(p.shape, group["cap_vectors"]) for p in params]
+            cold = any([self._init_state(p, c) for p, c in zip(params, capped)])
+            states = [self.state[p] for p in params]
+            iters = max(group["power_iters"], group["cold_start_iters"]) if cold else group["power_iters"]
+            bucket_sigma: SigmaFn | None = None
+            if sigma is not None:
+                def bucket_sigma(idx, *rest, _params=params):  # positions in this bucket → the parameters
+                    return sigma([_params[i] for i in idx], *rest)
+
+            ratio, sw, su = adamweyl_step(
+                [local(p) for p in params],
+                [local(p.grad) for p in params],
+                [local(s["exp_avg"]) for s in states],
+                [local(s["exp_avg_sq"]) for s in states],
+                [s["step"] for s in states],
+                [s[WEIGHT_VECTOR] if c else None for s, c in zip(states, capped)],
+                [s[UPDATE_VECTOR] if c else None for s, c in zip(states, capped)],
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                tau=group["tau"],
+                power_iters=iters,
+                sigma=bucket_sigma,
+            )
+            parts.append(CapStats(params, ratio, sw, su, torch.tensor(capped, device=ratio.device), engine))
+        return CapStats.cat(parts) if parts else None
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
@@ -254,77 +408,15 @@ class AdamWeyl(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        self._repair_group_indices()
-        all_params, ratios, sws, sus, caps = [], [], [], [], []
         for group in self.param_groups:
-            if self._zero_group_step(group):
-                continue
-            beta1, beta2 = group["betas"]
-            lr = float(group["lr"])
-            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"AdamWeyl does not support sparse gradients (parameter of shape {tuple(p.shape)}); "
-                        "use dense gradients (e.g. nn.Embedding(sparse=False))"
-                    )
-                buckets.setdefault((p.device, p.dtype), []).append(p)
-
-            for params in buckets.values():
-                capped_flags = [is_capped(p.shape, group["cap_vectors"]) for p in params]
-                cold = any([self._init_state(p, c) for p, c in zip(params, capped_flags)])
-                states = [self.state[p] for p in params]
-                iters = max(group["power_iters"], group["cold_start_iters"]) if cold else group["power_iters"]
-                ratio, sw, su = adamweyl_step(
-                    params,
-                    [p.grad for p in params],
-                    [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states],
-                    [s["step"] for s in states],
-                    [s[WEIGHT_VECTOR] if c else None for s, c in zip(states, capped_flags)],
-                    [s[UPDATE_VECTOR] if c else None for s, c in zip(states, capped_flags)],
-                    lr=lr,
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    tau=group["tau"],
-                    power_iters=iters,
-                )
-                all_params.extend(params)
-                device = ratios[0].device if ratios else ratio.device
-                ratios.append(ratio.to(device))
-                sws.append(sw.to(device))
-                sus.append(su.to(device))
-                caps.append(torch.tensor(capped_flags, device=device))
-
-        if all_params:
-            self.last_stats = CapStats(all_params, torch.cat(ratios), torch.cat(sws), torch.cat(sus), torch.cat(caps))
+            if not group["params"]:
+                continue  # (DeepSpeed ZeRO-3 empties the groups it is not stepping in this call)
+            adapter = self._adapter_for(group)
+            stats = adapter.step_group(self, group) if adapter is not None else self.step_tensors(group)
+            self._group_stats[group[GROUP_INDEX]] = stats
+        parts = [s for _, s in sorted(self._group_stats.items()) if s is not None]
+        self.last_stats = CapStats.cat(parts) if parts else None
         return loss
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``Optimizer.load_state_dict``, but the power-iteration vectors stay fp32.
-
-        (torch casts every floating state tensor to its parameter's dtype, which would round
-        the vectors of bf16/fp16 parameters and break bit-identical resumption.)
-        """
-        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
-        vectors = {
-            pid: {k: v for k, v in state_dict["state"][pid].items() if k in (WEIGHT_VECTOR, UPDATE_VECTOR)}
-            for pid in saved_ids
-            if pid in state_dict["state"]
-        }
-        super().load_state_dict(state_dict)
-        for i, g in enumerate(self.param_groups):  # groups saved by older versions lack newer options
-            for key, value in self.defaults.items():
-                g.setdefault(key, value)
-            g[GROUP_INDEX] = i
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for pid, p in zip(saved_ids, params):
-            for key, value in vectors.get(pid, {}).items():
-                self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
 
 
 def unwrap_adamweyl(optimizer: Any) -> AdamWeyl | None:

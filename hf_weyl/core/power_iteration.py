@@ -11,8 +11,9 @@ that converges to it: the estimate never overestimates. Keeping x between calls 
 slowly moving matrices.
 
 All arithmetic is at least fp32 (fp64 matrices stay fp64; bf16/fp16 ones are promoted), vectors
-are stored in fp32. A zero, tiny or non-finite matrix never turns a
-stored vector into NaN: x is only replaced where the new σ is finite and positive.
+are stored in fp32. Norms are taken scale-safely (divided by the largest magnitude first), so the
+estimate stays a lower bound at any finite scale of the matrix. A zero, tiny or non-finite matrix
+never turns a stored vector into NaN: x is only replaced where the new σ is finite and positive.
 
 Matrices of one shape are processed together: small ones (≤ ``BATCHED_MAX_NUMEL`` elements) are
 stacked and multiplied with one ``bmm``; large ones go through one ``mv`` each, which on every
@@ -29,15 +30,18 @@ from torch import Tensor
 __all__ = [
     "BATCHED_MAX_NUMEL",
     "as_matrix",
+    "finite_sigma",
     "initial_vector",
     "power_iteration_",
+    "power_step",
+    "subnormal_guard",
+    "unit_rows",
     "vector_length",
 ]
 
 #: Matrices with at most this many elements are stacked per shape and multiplied in one ``bmm``.
 BATCHED_MAX_NUMEL = 1 << 16
 
-_TINY = torch.finfo(torch.float32).tiny
 
 
 def as_matrix(t: Tensor) -> Tensor:
@@ -74,24 +78,53 @@ def _short_side(a: Tensor) -> Tensor:
     return a if a.shape[1] <= a.shape[0] else a.t()
 
 
-def _normalize_rows(v: Tensor) -> Tensor:
-    return v / v.norm(dim=-1, keepdim=True).clamp_min(_TINY)
+def unit_rows(v: Tensor) -> tuple[Tensor, Tensor]:
+    """(v / ‖v‖, ‖v‖) along the last dim, scale-safe: computed as w = v / max|v|, then w / ‖w‖ and
+    ‖v‖ = max|v| · ‖w‖, so no square under- or overflows at any finite magnitude. A zero row gives
+    (0, 0); a row with inf/NaN gives NaN (callers treat a non-finite norm as "no estimate")."""
+    scale = v.abs().amax(dim=-1, keepdim=True)
+    w = v / torch.where(scale > 0, scale, torch.ones_like(scale))
+    norm = w.norm(dim=-1, keepdim=True)  # >= 1 unless the row is zero
+    return w / norm.clamp_min(1), (norm * scale).squeeze(-1)
 
 
 def _compute_dtype(a: Tensor) -> torch.dtype:
     return torch.promote_types(a.dtype, torch.float32)
 
 
+def power_step(b: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One power step on (batched) B from unit x: y = Bx/‖Bx‖, z = Bᵀy, σ = ‖z‖ (≤ σ1(B)).
+
+    Returns (σ, z/σ, ok) with ok = σ finite and > 0; where not ok the caller keeps x."""
+    y, bx_norm = unit_rows(torch.matmul(b, x.unsqueeze(-1)).squeeze(-1))
+    c = subnormal_guard(bx_norm)
+    x_new, z_norm = unit_rows(torch.matmul(b.transpose(-2, -1), (y * c.unsqueeze(-1)).unsqueeze(-1)).squeeze(-1))
+    sigma = z_norm / c
+    return sigma, x_new, (sigma > 0) & torch.isfinite(sigma)
+
+
+def subnormal_guard(scale: Tensor) -> Tensor:
+    """A power of two c with which a product whose result has magnitude ``scale`` is computed as
+    B(c·y)/c: 1 normally, 2^min(-⌊log2 scale⌋, 126) when scale < 2^-60, so that no partial product is
+    subnormal (rounding there could make σ = ‖Bᵀy‖ exceed σ1). Dividing by c is exact."""
+    tiny = (scale > 0) & (scale < 2.0**-60)
+    exponent = torch.floor(torch.log2(torch.where(tiny, scale, torch.ones_like(scale))))
+    return torch.exp2((-exponent).clamp_max(126))  # 2^126 still fits fp32 (and bf16/fp16 never get here)
+
+
 def _iterate(b: Tensor, x: Tensor, iters: int) -> tuple[Tensor, Tensor]:
     """``iters`` power steps on (batched) B with start x; returns (σ, new x) without touching x."""
     x = x.to(b.dtype)
     for _ in range(iters):
-        y = _normalize_rows(torch.matmul(b, x.unsqueeze(-1)).squeeze(-1))
-        z = torch.matmul(b.transpose(-2, -1), y.unsqueeze(-1)).squeeze(-1)
-        sigma = z.norm(dim=-1)
-        ok = (sigma > 0) & torch.isfinite(sigma)
-        x = torch.where(ok.unsqueeze(-1), z / sigma.clamp_min(_TINY).unsqueeze(-1), x)
-    return torch.nan_to_num(sigma, nan=0.0, posinf=0.0).float(), x.float()
+        sigma, x_new, ok = power_step(b, x)
+        x = torch.where(ok.unsqueeze(-1), x_new, x)
+    return finite_sigma(sigma), x.float()
+
+
+def finite_sigma(sigma: Tensor) -> Tensor:
+    """σ estimates as fp32 with non-finite values (and values beyond fp32's range) reported as 0: no estimate."""
+    sigma = torch.nan_to_num(sigma, nan=0.0, posinf=0.0)
+    return torch.nan_to_num(sigma.float(), posinf=0.0)
 
 
 @torch.no_grad()

@@ -1,98 +1,101 @@
-"""AdamW² on DeepSpeed ZeRO's flat fp32 partitions (stages 1, 2 and 3), chosen automatically.
+"""AdamW² under DeepSpeed ZeRO (stages 1, 2 and 3): the adapter from ZeRO's flat fp32 partitions to pieces.
 
-Under ZeRO the optimizer no longer holds the model's parameters: each param group holds one flat
-fp32 partition per rank (per sub-group for stage 3), and a weight matrix W (m×n, row-major) may be
-split across ranks. Each rank holds one contiguous piece ``W.flatten()[s : s + c]`` (possibly
-empty). The elementwise parts of AdamW² (moments, direction U, the update) work on the flat
-partition unchanged; only σ1(W) and σ1(U) need the pieces brought together. Two ways:
+Under ZeRO the optimizer no longer holds the model's parameters: each param group holds one flat fp32
+partition per rank (per sub-group for stage 3), and a weight matrix W (m×n, row-major) may be split
+across ranks: each rank holds one contiguous piece ``W.flatten()[s : s + c]`` (possibly empty). The
+elementwise parts of AdamW² (moments, direction U, the update) work on the flat partition unchanged;
+σ1(W) and σ1(U) come from ``hf_weyl.distributed`` (``vector_reduce`` or ``gather``), given the pieces.
 
-* ``vector_reduce`` (default): distributed power iteration. With B = W if n ≤ m else Wᵀ and a unit
-  x ∈ R^{min(m,n)} identical on every rank, each rank multiplies only its piece,
-  Bx = Σ_r B_r x and Bᵀy = Σ_r B_rᵀ y, and the partial vectors of *all* matrices (W and U) are
-  summed with one all-reduce per half-step: 2 all-reduces of Σ_j 2(m_j + n_j) floats per iteration.
-* ``gather``: all-gather every matrix and its update, then run the single-process
-  :func:`hf_weyl.core.power_iteration.power_iteration_` on the full matrices: 1 all-gather of the local
-  pieces (≈ 2N/world floats per rank) plus a tiny one of the piece addresses.
-
-Both give the single-process σ's (``gather`` bit for bit, ``vector_reduce`` up to summation order).
-Every rank makes the same collectives in the same order (a rank without a piece contributes
-zeros); the only control-flow decisions taken here (skip on non-finite gradients, cold start)
-come from reduced or replicated values.
-
-Where the pieces are comes from DeepSpeed's own bookkeeping (private API, tested with
-``TESTED_DEEPSPEED``): ``param._hp_mapping`` / ``param._dp_group`` for ZeRO-1/2 and the BF16
-optimizer; for ZeRO-3 the sub-group's flat tensor ``ds_id`` ("first_last" parameter ds_id) and each
-parameter's ``partition_numel()`` (rank r holds elements [r·p, (r+1)·p) of the flattened tensor).
-If the mapping cannot be found or does not check out, we raise rather than fall back to AdamW on
-flat chunks.
+Where the pieces are comes from DeepSpeed's own bookkeeping (private attributes, listed in
+:data:`DEEPSPEED_PRIVATE` and read only through :func:`_private`): ``param._hp_mapping`` /
+``param._dp_group`` for ZeRO-1/2 and the BF16 optimizer; for ZeRO-3 the sub-group's flat tensor
+``ds_id`` ("first_last" parameter ds_id) and each parameter's ``partition_numel()`` (rank r holds
+elements [r·p, (r+1)·p) of the flattened tensor). A layout is built once per flat partition, verified
+against the weights at its first step (each fragment of the fp32 partition must hold its parameter's
+values), and cached. A missing attribute, a mapping that does not check out, or an engine setting that
+cannot be read raises (naming the DeepSpeed version): never AdamW on flat chunks. DeepSpeed versions
+outside ``TESTED_DEEPSPEED`` get a warning; the verification is the guard.
 
 The power-iteration vectors are replicated on every rank and stored in the state of the flat
-partition under ``zero_weyl``: a dict holding one 2-D fp32 tensor (``"vectors"``, row 0 for W,
-row 1 for U) and the vector lengths (``"lengths"``, a list of ints). DeepSpeed checkpoints keep it
+partition under ``zero_weyl``: a dict holding one 2-D fp32 tensor (``"vectors"``, row 0 for W, row 1
+for U) and the vector lengths (``"lengths"``, a list of ints). DeepSpeed checkpoints keep it
 (bit-identical resume). It is a dict, not a tensor, on purpose: universal-checkpoint conversion
 (``ds_to_universal``) cuts every *tensor* of a flat partition's state at the partition padding,
 which would break a (2, Σk) tensor, while it passes other values through and extracts only
-``exp_avg``, ``exp_avg_sq``, fp32 weights and ``step``. After loading a universal checkpoint (e.g.
-on another number of ranks) the vectors are therefore absent and start cold (``cold_start_iters``
+``exp_avg``, ``exp_avg_sq``, fp32 weights and ``step``. After loading a universal checkpoint (e.g. on
+another number of ranks) the vectors are therefore absent and start cold (``cold_start_iters``
 iterations); everything else continues exactly.
+
+A non-finite gradient on any rank makes every rank skip the step (a reduced flag), as DeepSpeed's own
+overflow check does where it runs.
 """
 
 from __future__ import annotations
 
-import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core.functional import adam_direction, adam_moments_, apply_capped_update_, cap_ratio, is_capped
-from ..core.power_iteration import as_matrix, initial_vector, power_iteration_, vector_length
+from ..core.optimizer import GROUP_INDEX, AdamWeyl, CapStats, register_engine_adapter
+from ..core.power_iteration import initial_vector, vector_length
+from ..distributed.sigma import COMM_STATS, SIGMA_MODES, Pieces, matrix_dims, sharded_sigmas
+from ..distributed.sigma import comm_bytes_per_step as sigma_comm_bytes
 
 __all__ = [
     "COMM_STATS",
+    "DEEPSPEED_PRIVATE",
     "SIGMA_MODES",
     "TESTED_DEEPSPEED",
+    "DeepSpeedZeroAdapter",
     "ZeroLayout",
-    "check_deepspeed_config",
     "check_active_deepspeed_config",
+    "check_deepspeed_config",
     "comm_bytes_per_step",
-    "is_zero_partition",
     "zero_layout",
-    "zero_step",
 ]
 
-#: σ modes under ZeRO (``sigma_mode`` option of ``AdamWeyl``).
-SIGMA_MODES = ("vector_reduce", "gather")
-
-#: DeepSpeed versions whose private bookkeeping (``_hp_mapping``, stage-3 ``ds_id``) we rely on:
-#: [low, high). Others raise unless ``HF_WEYL_ALLOW_UNTESTED_DEEPSPEED=1``.
+#: DeepSpeed versions the ZeRO path is tested with: [low, high). Also declared in pyproject's
+#: ``deepspeed`` extra. Others get a warning; the first-step verification of the mapping is the guard.
 TESTED_DEEPSPEED = ((0, 19), (0, 20))
 
 #: Optimizer-state key of the power-iteration vectors on each flat partition (see the module doc).
 VECTORS_KEY = "zero_weyl"
 
-_TINY = torch.finfo(torch.float32).tiny
+#: Every private attribute of DeepSpeed objects hf_weyl reads, with what it is for.
+DEEPSPEED_PRIVATE = {
+    "param._hp_mapping": "ZeRO-1/2, BF16 optimizer: the fp32 fragment of a parameter (.hp_fragment, "
+    ".hp_fragment_address.start, .lp_fragment_address.start/.numel); None where this rank holds none",
+    "param._dp_group": "ZeRO-1/2: the data-parallel group the fragments are spread over",
+    "param._zero_optimizer": "ZeRO-1/2: the ZeRO optimizer (.cpu_offload, .round_robin_gradients)",
+    "param.ds_id / ds_numel / ds_shape / ds_tensor / ds_process_group / partition_numel()": "ZeRO-3 partitions",
+    "param._z3_optimizer": "ZeRO-3: the stage-3 optimizer (.offload_optimizer)",
+    "flat.ds_id": "ZeRO-3: 'first_last' ds_id of the parameters of a flat sub-group",
+}
 
 
-@dataclass
-class _Comm:
-    """Payload bytes this process handed to collectives in the ZeRO path (for benchmarks)."""
-
-    bytes: int = 0
-    calls: int = 0
-
-    def add(self, t: Tensor) -> None:
-        self.bytes += t.numel() * t.element_size()
-        self.calls += 1
-
-    def reset(self) -> None:
-        self.bytes = 0
-        self.calls = 0
+def _deepspeed_version() -> str:
+    module = sys.modules.get("deepspeed")
+    return getattr(module, "__version__", "unknown") if module is not None else "not imported"
 
 
-COMM_STATS = _Comm()
+def _private(obj: Any, name: str, what: str) -> Any:
+    """``obj.<name>`` of a DeepSpeed object; a clear error naming the DeepSpeed version if it is missing."""
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        low, high = TESTED_DEEPSPEED
+        raise RuntimeError(
+            f"AdamWeyl (ZeRO): DeepSpeed {_deepspeed_version()} has no {type(obj).__name__}.{name} ({what}); hf_weyl "
+            f"reads it to map ZeRO's flat partitions to weight matrices and is tested with DeepSpeed "
+            f">={low[0]}.{low[1]},<{high[0]}.{high[1]}. Refusing to step rather than compute σ1 of unknown pieces."
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,38 +126,36 @@ def check_deepspeed_config(config: dict[str, Any]) -> None:
 
 def check_active_deepspeed_config() -> None:
     """Run :func:`check_deepspeed_config` on the DeepSpeed config already announced by the HF Trainer
-    (``TrainingArguments(deepspeed=...)``) or by accelerate (``DeepSpeedPlugin``), if any."""
-    try:
-        from transformers.integrations.deepspeed import deepspeed_config
+    (``TrainingArguments(deepspeed=...)``) or by accelerate (``DeepSpeedPlugin``), if any.
 
-        cfg = deepspeed_config()
+    Only libraries that are already imported are consulted (a config can only have been announced
+    through them), so building an ``AdamWeyl`` imports neither accelerate nor DeepSpeed."""
+    hf_deepspeed = sys.modules.get("transformers.integrations.deepspeed")
+    if hf_deepspeed is not None:
+        cfg = hf_deepspeed.deepspeed_config()
         if cfg:
             check_deepspeed_config(cfg)
-    except ImportError:
-        pass
-    try:
-        from accelerate.state import AcceleratorState
-
-        plugins = AcceleratorState._shared_state.get("deepspeed_plugins")
+    accelerate_state = sys.modules.get("accelerate.state")
+    if accelerate_state is not None:
+        plugins = accelerate_state.AcceleratorState._shared_state.get("deepspeed_plugins")
         if plugins:
             for plugin in plugins.values() if isinstance(plugins, dict) else [plugins]:
                 cfg = getattr(plugin, "deepspeed_config", None)
                 if cfg:
                     check_deepspeed_config(cfg)
-    except ImportError:
-        pass
 
 
-def _check_deepspeed_version() -> None:
+def _warn_if_untested_version() -> None:
     import deepspeed
 
     parts = tuple(int(x) for x in deepspeed.__version__.split("+")[0].split(".")[:2])
     low, high = TESTED_DEEPSPEED
-    if not (low <= parts < high) and os.environ.get("HF_WEYL_ALLOW_UNTESTED_DEEPSPEED") != "1":
-        raise RuntimeError(
+    if not (low <= parts < high):
+        warnings.warn(
             f"AdamWeyl's ZeRO path reads DeepSpeed's private fragment bookkeeping and is tested with DeepSpeed "
-            f">={low[0]}.{low[1]},<{high[0]}.{high[1]}; found {deepspeed.__version__}. Install a tested version or "
-            "set HF_WEYL_ALLOW_UNTESTED_DEEPSPEED=1 to try anyway (the mapping is still checked at run time)."
+            f">={low[0]}.{low[1]},<{high[0]}.{high[1]}; found {deepspeed.__version__}. The mapping is verified "
+            "against the weights at the first step and AdamWeyl raises if it does not check out.",
+            stacklevel=4,
         )
 
 
@@ -179,17 +180,17 @@ class ZeroLayout:
     group: Any  # the process group to reduce over
     stage: int
 
+    def pieces(self, idx: list[int]) -> Pieces:
+        """The :class:`~hf_weyl.distributed.Pieces` of the parameters ``idx``."""
+        return Pieces(
+            tuple(matrix_dims(self.shapes[i]) for i in idx), tuple(self.starts[i] for i in idx),
+            tuple(self.numels[i] for i in idx), self.group,
+        )
+
 
 def _optimized(p: Tensor) -> bool:
     numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
     return p.requires_grad and numel > 0
-
-
-def is_zero_partition(flat: Tensor, original_ids: set[int]) -> bool:
-    """True when a group's tensor is not one of the parameters it was built with (DeepSpeed replaced them).
-
-    ``original_ids`` are the ``id()``s of those parameters (a set: this runs on every step)."""
-    return id(flat) not in original_ids
 
 
 def _same_storage(view: Tensor, flat: Tensor) -> bool:
@@ -199,203 +200,114 @@ def _same_storage(view: Tensor, flat: Tensor) -> bool:
 def _zero12_layout(flat: Tensor, params: list[Tensor]) -> ZeroLayout:
     offsets, starts, numels = [], [], []
     for p in params:
-        mapping = p._hp_mapping
+        mapping = _private(p, "_hp_mapping", "the fp32 fragment of a parameter")
         if mapping is None:
             offsets.append(0), starts.append(0), numels.append(0)
             continue
-        if not _same_storage(mapping.hp_fragment, flat):
+        fragment = _private(mapping, "hp_fragment", "the fp32 fragment tensor")
+        if not _same_storage(fragment, flat):
             raise RuntimeError(
                 f"AdamWeyl (ZeRO-1/2): the fragment of a parameter of shape {tuple(p.shape)} does not live in the flat "
-                "partition the optimizer was given (optimizer offload or an unsupported DeepSpeed version?)"
+                f"partition the optimizer was given (optimizer offload, or DeepSpeed {_deepspeed_version()} changed)"
             )
-        offsets.append(int(mapping.hp_fragment_address.start))
-        starts.append(int(mapping.lp_fragment_address.start))
-        numels.append(int(mapping.lp_fragment_address.numel))
-    groups = {id(p._dp_group) for p in params}
+        offsets.append(int(_private(mapping, "hp_fragment_address", "fragment address").start))
+        lp_address = _private(mapping, "lp_fragment_address", "fragment address in the parameter")
+        starts.append(int(lp_address.start))
+        numels.append(int(lp_address.numel))
+    groups = {id(_private(p, "_dp_group", "the data-parallel group")) for p in params}
     if len(groups) != 1:
         raise RuntimeError("AdamWeyl (ZeRO-1/2): the parameters of one param group have different data-parallel groups")
     return ZeroLayout(params, [p.shape for p in params], offsets, starts, numels, params[0]._dp_group, stage=2)
 
 
 def _zero3_layout(flat: Tensor, params: list[Tensor]) -> ZeroLayout:
-    ds_id = str(getattr(flat, "ds_id", ""))
+    ds_id = str(_private(flat, "ds_id", "the parameter ids of a flat sub-group"))
     first, _, last = ds_id.partition("_")
-    ids = [str(p.ds_id) for p in params]
+    ids = [str(_private(p, "ds_id", "ZeRO-3 parameter id")) for p in params]
     if first not in ids or last not in ids:
         raise RuntimeError(
             f"AdamWeyl (ZeRO-3): cannot find the parameters of the flat sub-group {ds_id!r} among the optimizer's "
-            "parameters; unsupported DeepSpeed version?"
+            f"parameters (DeepSpeed {_deepspeed_version()})"
         )
     sub = params[ids.index(first) : ids.index(last) + 1]
-    if sum(p.partition_numel() for p in sub) != flat.numel():
+    part_numels = [int(_private(p, "partition_numel", "ZeRO-3 partition size")()) for p in sub]
+    if sum(part_numels) != flat.numel():
         raise RuntimeError(
             f"AdamWeyl (ZeRO-3): sub-group {ds_id!r} has {flat.numel()} elements but its parameters' partitions "
-            f"add up to {sum(p.partition_numel() for p in sub)}; unsupported DeepSpeed version?"
+            f"add up to {sum(part_numels)} (DeepSpeed {_deepspeed_version()})"
         )
-    group = sub[0].ds_process_group
+    group = _private(sub[0], "ds_process_group", "ZeRO-3 process group")
     rank = dist.get_rank(group)
     offsets, starts, numels, offset = [], [], [], 0
-    for p in sub:
-        part = p.partition_numel()
+    for p, part in zip(sub, part_numels):
         start = rank * part
         offsets.append(offset)
         starts.append(start)
-        numels.append(max(0, min(part, p.ds_numel - start)))
+        numels.append(max(0, min(part, int(_private(p, "ds_numel", "ZeRO-3 parameter size")) - start)))
         offset += part
-    return ZeroLayout(sub, [p.ds_shape for p in sub], offsets, starts, numels, group, stage=3)
+    shapes = [torch.Size(_private(p, "ds_shape", "ZeRO-3 parameter shape")) for p in sub]
+    return ZeroLayout(sub, shapes, offsets, starts, numels, group, stage=3)
+
+
+def _check_settings(params: list[Tensor], stage: int) -> None:
+    """Refuse engine settings AdamWeyl cannot honour, read from DeepSpeed's optimizer (fail closed)."""
+    if stage == 3:
+        z3 = next((p._z3_optimizer for p in params if getattr(p, "_z3_optimizer", None) is not None), None)
+        if z3 is None:
+            _private(params[0], "_z3_optimizer", "the ZeRO-3 optimizer")  # raises: the setting cannot be read
+        if _private(z3, "offload_optimizer", "ZeRO-3 optimizer offload flag"):  # bare deepspeed.initialize allows it
+            check_deepspeed_config({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+        return
+    # ZeRO-1/2 mark every parameter with a fragment on this rank; DeepSpeed's BF16 optimizer (stage 0)
+    # marks none and has neither offload nor gradient round-robin.
+    zero_opt = next((p._zero_optimizer for p in params if getattr(p, "_zero_optimizer", None) is not None), None)
+    if zero_opt is not None:
+        if _private(zero_opt, "cpu_offload", "ZeRO optimizer offload flag"):
+            check_deepspeed_config({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+        if _private(zero_opt, "round_robin_gradients", "ZeRO gradient round-robin flag"):
+            check_deepspeed_config({"zero_optimization": {"round_robin_gradients": True}})
 
 
 def zero_layout(flat: Tensor, originals: list[Tensor]) -> ZeroLayout:
     """The layout of a DeepSpeed flat fp32 partition built from the group's original parameters; raises if unknown."""
-    _check_deepspeed_version()
     params = [p for p in originals if _optimized(p)]
     if params and all(hasattr(p, "ds_id") for p in params) and hasattr(flat, "ds_id"):
-        z3 = next((p._z3_optimizer for p in params if getattr(p, "_z3_optimizer", None) is not None), None)
-        if z3 is not None and getattr(z3, "offload_optimizer", False):  # bare deepspeed.initialize lets it through
-            check_deepspeed_config({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+        _check_settings(params, stage=3)
         return _zero3_layout(flat, params)
     if params and all(hasattr(p, "_hp_mapping") and hasattr(p, "_dp_group") for p in params):
-        zero_opt = next((p._zero_optimizer for p in params if getattr(p, "_zero_optimizer", None) is not None), None)
-        if zero_opt is not None:
-            if getattr(zero_opt, "cpu_offload", False):
-                check_deepspeed_config({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
-            if getattr(zero_opt, "round_robin_gradients", False):
-                check_deepspeed_config({"zero_optimization": {"round_robin_gradients": True}})
+        _check_settings(params, stage=2)
         return _zero12_layout(flat, params)
     raise RuntimeError(
         f"AdamWeyl: a param group holds a tensor of shape {tuple(flat.shape)} that is not one of the parameters the "
         "optimizer was built with, and no DeepSpeed ZeRO fragment mapping (param._hp_mapping or ZeRO-3 ds_id) was "
-        "found for the group's parameters. Refusing to fall back to AdamW on flattened chunks, which would compute "
-        "σ1 of the wrong matrices. Build AdamWeyl on the model's parameters and pass it to deepspeed.initialize / "
-        "accelerate / the HF Trainer unchanged."
+        f"found for the group's parameters (DeepSpeed {_deepspeed_version()}). Refusing to fall back to AdamW on "
+        "flattened chunks, which would compute σ1 of the wrong matrices. Build AdamWeyl on the model's parameters "
+        "and pass it to deepspeed.initialize / accelerate / the HF Trainer unchanged."
     )
 
 
-def _check_mapping(layout: ZeroLayout, flat: Tensor) -> None:
-    """ZeRO-1/2 only, first step: each fp32 fragment must hold its low-precision parameter's values."""
+def _verify(layout: ZeroLayout, flat: Tensor) -> None:
+    """First step: each piece of the fp32 partition must hold its parameter's values (ZeRO-1/2: the
+    parameter; ZeRO-3: its local partition ``ds_tensor``)."""
     for p, off, start, numel in zip(layout.params, layout.offsets, layout.starts, layout.numels):
         if numel == 0:
             continue
         hp = flat.narrow(0, off, numel)
-        lp = p.detach().reshape(-1).narrow(0, start, numel)
+        if layout.stage == 3:
+            lp = _private(p, "ds_tensor", "ZeRO-3 local partition").detach().reshape(-1).narrow(0, 0, numel)
+        else:
+            lp = p.detach().reshape(-1).narrow(0, start, numel)
         if not torch.equal(hp.to(lp.dtype), lp):
             raise RuntimeError(
                 f"AdamWeyl (ZeRO-{layout.stage}): DeepSpeed's fragment mapping of a parameter of shape "
-                f"{tuple(p.shape)} does not match the fp32 partition (known with round_robin_gradients); refusing to "
-                "compute σ's on the wrong weights"
+                f"{tuple(p.shape)} does not match the fp32 partition (DeepSpeed {_deepspeed_version()}; known with "
+                "round_robin_gradients); refusing to compute σ's on the wrong weights"
             )
-
-
-# --------------------------------------------------------------------------------------------
-# products of a contiguous row-major piece
-# --------------------------------------------------------------------------------------------
-
-
-def _split_piece(piece: Tensor, start: int, n: int):
-    """Split a row-major piece starting at element ``start`` of an (m×n) matrix into
-    (head row, head col, head values), (first full row, full rows as q×n), (tail row, tail values)."""
-    count = piece.numel()
-    h = min((-start) % n, count)
-    r0, c0 = divmod(start, n)
-    rest = piece[h:]
-    r1 = (start + h) // n
-    q = rest.numel() // n
-    return (r0, c0, piece[:h]), (r1, rest[: q * n].view(q, n)), (r1 + q, rest[q * n :])
-
-
-def _matvec(split, m: int, v: Tensor) -> Tensor:
-    """Partial A·v (length m) from this rank's piece of A."""
-    (r0, c0, head), (r1, mid), (r2, tail) = split
-    out = torch.zeros(m, dtype=torch.float32, device=v.device)
-    if head.numel():
-        out[r0] += torch.dot(head, v[c0 : c0 + head.numel()])
-    if mid.shape[0]:
-        out[r1 : r1 + mid.shape[0]] += mid @ v
-    if tail.numel():
-        out[r2] += torch.dot(tail, v[: tail.numel()])
-    return out
-
-
-def _rmatvec(split, n: int, w: Tensor) -> Tensor:
-    """Partial Aᵀ·w (length n) from this rank's piece of A."""
-    (r0, c0, head), (r1, mid), (r2, tail) = split
-    out = torch.zeros(n, dtype=torch.float32, device=w.device)
-    if head.numel():
-        out[c0 : c0 + head.numel()] += head * w[r0]
-    if mid.shape[0]:
-        out += mid.t() @ w[r1 : r1 + mid.shape[0]]
-    if tail.numel():
-        out[: tail.numel()] += tail * w[r2]
-    return out
-
-
-def _all_reduce(t: Tensor, group: Any, op=dist.ReduceOp.SUM) -> None:
-    COMM_STATS.add(t)
-    dist.all_reduce(t, op=op, group=group)
-
-
-def _sigma_vector_reduce(
-    pieces: list[Tensor], starts: list[int], dims: list[tuple[int, int]], vectors: list[Tensor], iters: int, group: Any
-) -> Tensor:
-    """σ1 of each distributed matrix by power iteration; only the m-/n-vectors are all-reduced (batched).
-
-    Mirrors :func:`hf_weyl.core.power_iteration.power_iteration_` (short side, warm start, never NaN).
-    """
-    splits = [_split_piece(p, s, n) for p, s, (m, n) in zip(pieces, starts, dims)]
-    tall = [n <= m for m, n in dims]  # B = A (x ∈ R^n) if tall else Aᵀ (x ∈ R^m)
-    sigmas = torch.zeros(len(dims), dtype=torch.float32, device=vectors[0].device if vectors else None)
-    for _ in range(iters):
-        bx = [_matvec(sp, m, x) if t else _rmatvec(sp, n, x) for sp, (m, n), t, x in zip(splits, dims, tall, vectors)]
-        buf = torch.cat(bx)
-        _all_reduce(buf, group)
-        ys = [v / v.norm().clamp_min(_TINY) for v in buf.split([b.numel() for b in bx])]
-        bty = [_rmatvec(sp, n, y) if t else _matvec(sp, m, y) for sp, (m, n), t, y in zip(splits, dims, tall, ys)]
-        buf = torch.cat(bty)
-        _all_reduce(buf, group)
-        zs = buf.split([b.numel() for b in bty])
-        sigmas = torch.stack([z.norm() for z in zs])
-        ok = (sigmas > 0) & torch.isfinite(sigmas)
-        for x, z, s, good in zip(vectors, zs, sigmas.clamp_min(_TINY), ok):
-            x.copy_(torch.where(good, z / s, x))
-    return torch.nan_to_num(sigmas, nan=0.0, posinf=0.0)
-
-
-def _all_gather(t: Tensor, group: Any) -> list[Tensor]:
-    COMM_STATS.add(t)
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, t, group=group)
-    return out
-
-
-def _sigma_gather(
-    pieces: list[Tensor], starts: list[int], shapes: list[torch.Size], vectors: list[Tensor], iters: int, group: Any
-) -> Tensor:
-    """σ1 of each distributed matrix: all-gather the pieces, then the single-process power iteration."""
-    device = vectors[0].device
-    meta = torch.tensor([[s, p.numel()] for s, p in zip(starts, pieces)], dtype=torch.int64, device=device).reshape(-1, 2)
-    metas = _all_gather(meta, group)
-    sizes = [int(m[:, 1].sum()) for m in metas]
-    local = torch.cat(pieces).to(device=device, dtype=torch.float32)
-    local = torch.cat([local, local.new_zeros(max(sizes) - local.numel())])
-    chunks = _all_gather(local, group)
-    fulls = [torch.zeros(torch.Size(shape).numel(), dtype=torch.float32, device=device) for shape in shapes]
-    for rank_meta, chunk in zip(metas, chunks):
-        pos = 0
-        for full, (start, numel) in zip(fulls, rank_meta.tolist()):
-            full[start : start + numel] = chunk[pos : pos + numel]
-            pos += numel
-    return power_iteration_([as_matrix(f.view(shape)) for f, shape in zip(fulls, shapes)], vectors, iters)
 
 
 # --------------------------------------------------------------------------------------------
 # the step
 # --------------------------------------------------------------------------------------------
-
-
-def _dims(shape: torch.Size) -> tuple[int, int]:
-    if len(shape) >= 2:
-        return int(shape[0]), int(torch.Size(shape[1:]).numel())
-    return 1, int(torch.Size(shape).numel())
 
 
 def _vectors(state: dict[str, Any], lengths: list[int], device: torch.device) -> tuple[Tensor, bool]:
@@ -412,28 +324,30 @@ def _vectors(state: dict[str, Any], lengths: list[int], device: torch.device) ->
     return vectors, True
 
 
+def _all_reduce_max(t: Tensor, group: Any) -> None:
+    COMM_STATS.add(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+
+
 @torch.no_grad()
-def zero_step(optimizer: Any, group: dict[str, Any], flat: Tensor, layout: ZeroLayout, first_call: bool):
-    """One AdamW² step on a DeepSpeed flat fp32 partition. Returns (params, ratio, σ_W, σ_U, capped) or
-    None when the step was skipped because some rank's gradient is non-finite (all ranks skip together)."""
+def zero_step(optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor, layout: ZeroLayout) -> CapStats | None:
+    """One AdamW² step on a DeepSpeed flat fp32 partition; None when the step was skipped because some
+    rank's gradient is non-finite (all ranks skip together)."""
     if flat.grad is None:
         raise RuntimeError("AdamWeyl (ZeRO): the flat fp32 partition has no gradient at step time")
-    if layout.stage != 3 and first_call:
-        _check_mapping(layout, flat)
     grad = flat.grad
     bad = (~torch.isfinite(grad)).any().to(torch.float32).reshape(1)
-    _all_reduce(bad, layout.group, op=dist.ReduceOp.MAX)
+    _all_reduce_max(bad, layout.group)
     if bad.item() > 0:
         return None
 
     state = optimizer.state[flat]
     if len(state) == 0:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
     # A fresh step counter each step: DeepSpeed's ZeRO-3 universal-checkpoint load puts one and the same
     # step tensor into the state of every sub-group, and an in-place increment would count it twice.
-    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device="cpu").clone()
+    state["step"] = torch.as_tensor(state.get("step", 0.0), dtype=torch.float32, device="cpu").clone()
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
     (bc1,), (bc2,) = adam_moments_(
@@ -454,17 +368,13 @@ def zero_step(optimizer: Any, group: dict[str, Any], flat: Tensor, layout: ZeroL
     if idx:
         w_pieces = [flat.narrow(0, layout.offsets[i], layout.numels[i]) for i in idx]
         u_pieces = [direction.narrow(0, layout.offsets[i], layout.numels[i]) for i in idx]
-        starts = [layout.starts[i] for i in idx]
-        vecs = list(buf[0].split(lengths)) + list(buf[1].split(lengths))
-        if group["sigma_mode"] == "gather":
-            shapes = [layout.shapes[i] for i in idx]
-            sig = _sigma_gather(w_pieces + u_pieces, starts + starts, shapes + shapes, vecs, iters, layout.group)
-        else:
-            dims = [_dims(layout.shapes[i]) for i in idx]
-            sig = _sigma_vector_reduce(w_pieces + u_pieces, starts + starts, dims + dims, vecs, iters, layout.group)
+        sw, su = sharded_sigmas(
+            w_pieces, u_pieces, layout.pieces(idx), list(buf[0].split(lengths)), list(buf[1].split(lengths)),
+            iters, group["sigma_mode"],
+        )
         index = torch.tensor(idx, device=flat.device)
-        sigma_w.index_copy_(0, index, sig[: len(idx)])
-        sigma_u.index_copy_(0, index, sig[len(idx) :] * scale)
+        sigma_w.index_copy_(0, index, sw)
+        sigma_u.index_copy_(0, index, su * scale)
     capped_t = torch.tensor(capped, dtype=torch.bool, device=flat.device)
     ratio = cap_ratio(sigma_w, sigma_u, capped_t, lr=lr, tau=group["tau"])
 
@@ -488,22 +398,82 @@ def zero_step(optimizer: Any, group: dict[str, Any], flat: Tensor, layout: ZeroL
         apply_capped_update_(
             seg_w, seg_u, torch.cat(seg_ratio), [scale] * len(seg_w), lr=lr, weight_decay=group["weight_decay"]
         )
-    return layout.params, ratio, sigma_w, sigma_u, capped_t
+    return CapStats(layout.params, ratio, sigma_w, sigma_u, capped_t, engine=DeepSpeedZeroAdapter.name)
 
 
-def comm_bytes_per_step(shapes: list[tuple[int, ...]], world: int, mode: str, *, power_iters: int = 1,
-                        bytes_per_float: int = 4) -> dict[str, float]:
-    """Payload bytes one rank hands to collectives per optimizer step for the σ's of these capped tensors
-    (one param group), and the ring-algorithm bytes it actually sends on the wire."""
-    if mode not in SIGMA_MODES:
-        raise ValueError(f"unknown sigma_mode {mode!r}; valid: {SIGMA_MODES}")
-    flag = 4  # the reduced non-finite flag
-    if not shapes:
-        return {"payload": flag, "wire": flag, "collectives": 1}
-    if mode == "vector_reduce":
-        payload = sum(2 * (m + n) for m, n in (_dims(torch.Size(s)) for s in shapes)) * power_iters * bytes_per_float
-        return {"payload": payload + flag, "wire": 2 * (world - 1) / world * payload + flag, "collectives": 1 + 2 * power_iters}
-    numel = sum(torch.Size(s).numel() for s in shapes)
-    local = 2 * numel / world * bytes_per_float  # W and U pieces (≈ evenly split)
-    meta = 16 * len(shapes) * 2
-    return {"payload": local + meta + flag, "wire": (world - 1) * (local + meta) + flag, "collectives": 3}
+# --------------------------------------------------------------------------------------------
+# the adapter
+# --------------------------------------------------------------------------------------------
+
+
+@register_engine_adapter
+class DeepSpeedZeroAdapter:
+    """Steps param groups whose tensors DeepSpeed ZeRO replaced by flat fp32 partitions."""
+
+    name = "deepspeed_zero"
+
+    def __init__(self) -> None:
+        self._layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()  # flat partition → verified ZeroLayout
+        self._stats: dict[tuple[int, int], CapStats] = {}  # (group index, first parameter) → its last stats
+        _warn_if_untested_version()
+
+    @classmethod
+    def check_construction(cls, optimizer: AdamWeyl) -> None:
+        check_active_deepspeed_config()
+
+    @classmethod
+    def claims(cls, optimizer: AdamWeyl, group: dict[str, Any]) -> bool:
+        replaced = optimizer.replaced_tensors(group) if "deepspeed" in sys.modules else []
+        return any(not hasattr(t, "placements") for t in replaced)  # (DTensors are FSDP2's)
+
+    def step_group(self, optimizer: AdamWeyl, group: dict[str, Any]) -> CapStats | None:
+        _repair_group_indices(optimizer)
+        index = group[GROUP_INDEX]
+        originals = optimizer.group_params(group)
+        for flat in group["params"]:
+            layout = self._layouts.get(flat)
+            if layout is None:
+                layout = zero_layout(flat, originals)
+                _verify(layout, flat)
+                self._layouts[flat] = layout
+            stats = zero_step(optimizer, group, flat, layout)
+            if stats is not None:
+                first = next(j for j, p in enumerate(originals) if p is layout.params[0])
+                self._stats[(index, first)] = stats
+        # ZeRO-1/2 step one group per call, ZeRO-3 one sub-group: the group's stats gather all its partitions.
+        parts = [s for (i, _), s in sorted(self._stats.items(), key=lambda kv: kv[0]) if i == index]
+        return CapStats.cat(parts) if parts else None
+
+
+def _repair_group_indices(optimizer: AdamWeyl) -> None:
+    """Give every group back its own index after DeepSpeed's ZeRO-3 universal-checkpoint load.
+
+    That load (DeepSpeed 0.19: ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) copies param
+    group 0's entries into every group, our group index included. ZeRO-3 keeps the groups in their
+    original order (ZeRO-1/2 narrow ``param_groups`` to one group per call, so this never fires there),
+    which lets us restore the indices by position.
+    """
+    groups = optimizer.param_groups
+    indices = [g.get(GROUP_INDEX) for g in groups]
+    if len(groups) < 2 or len(groups) != len(optimizer._group_params) or len(set(indices)) == len(indices):
+        return
+    for i, g in enumerate(groups):
+        g[GROUP_INDEX] = i
+    warnings.warn(
+        "AdamWeyl: every param group carried param group 0's entries (what DeepSpeed's ZeRO-3 universal-"
+        "checkpoint load does); AdamWeyl restored its own group bookkeeping, but hyperparameters such as "
+        f"weight_decay are now group 0's in every group: {[g['weight_decay'] for g in groups]}. Set them "
+        "again after loading if your groups differ (e.g. no weight decay for biases and norms).",
+        stacklevel=4,
+    )
+
+
+def comm_bytes_per_step(
+    shapes: list[tuple[int, ...]], world: int, mode: str, *, power_iters: int = 1, bytes_per_float: int = 4
+) -> dict[str, float]:
+    """Payload bytes one rank hands to collectives per optimizer step under ZeRO for the capped tensors of
+    one flat partition: the σ traffic (:func:`hf_weyl.distributed.comm_bytes_per_step`) plus the reduced
+    4-byte non-finite flag, and the ring-algorithm bytes on the wire."""
+    sigma = sigma_comm_bytes(shapes, world, mode, power_iters=power_iters, bytes_per_float=bytes_per_float)
+    flag = 4
+    return {"payload": sigma["payload"] + flag, "wire": sigma["wire"] + flag, "collectives": sigma["collectives"] + 1}

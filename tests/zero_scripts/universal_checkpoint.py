@@ -102,7 +102,7 @@ def load(folder: str, stage: int) -> None:
     repaired = [w for w in caught if "param group 0's entries" in str(w.message)]
     # ZeRO-3's universal load copies group 0's hyperparameters into every group: AdamWeyl must say so.
     assert len(repaired) == (1 if stage == 3 else 0), [str(w.message) for w in caught]
-    assert weyl._zero_stats, "AdamWeyl's ZeRO path did not run after the universal load"
+    assert weyl.last_stats is not None and weyl.last_stats.engine == "deepspeed_zero", "AdamWeyl's ZeRO path did not run after the universal load"
     want = dict(reference_with_vectors_dropped(2, 2, group0_everywhere=stage == 3).named_parameters())
     assert_close(full_weights(engine, stage), want, what=f"ZeRO-{stage} universal 2→{dist.get_world_size()} ranks ")
 

@@ -1,0 +1,223 @@
+"""σ1 of matrices whose elements are split into contiguous row-major pieces across a process group.
+
+Matrix i, viewed as (m_i × n_i) and flattened row-major, has elements [s_i, s_i + c_i) on this rank
+(c_i = 0: none). DeepSpeed ZeRO's flat partitions and FSDP2's dim-0 shards are both of this form; the
+engine adapters (``hf_weyl.integrations``) only translate their layout into :class:`Pieces`.
+
+* ``vector_reduce`` (default): distributed power iteration. With B = A if n ≤ m else Aᵀ and a unit
+  x ∈ R^{min(m,n)} identical on every rank, each rank multiplies only its piece, Bx = Σ_r B_r x and
+  Bᵀy = Σ_r B_rᵀ y, and the partial vectors of *all* matrices are summed with one all-reduce per
+  half-step: 2 all-reduces of Σ_j (m_j + n_j) floats per iteration (W and U together: 2(m + n)).
+* ``gather``: all-gather every piece, then the single-process power iteration on the full matrices:
+  1 all-gather of the local pieces (≈ 2N/world floats per rank) plus a tiny one of their addresses.
+
+Both give the single-process σ's (``gather`` bit for bit, ``vector_reduce`` up to summation order),
+with the same scale-safe normalisation (``hf_weyl.core.power_iteration.unit_rows``). Every rank makes
+the same collectives in the same order (a rank without a piece contributes zeros), and the only
+decisions (keep a vector where σ is not finite and positive) come from reduced values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..core.power_iteration import finite_sigma, power_iteration_, subnormal_guard, unit_rows
+
+__all__ = ["COMM_STATS", "SIGMA_MODES", "Pieces", "comm_bytes_per_step", "matrix_dims", "sharded_sigmas"]
+
+#: How σ's of split matrices are computed (``sigma_mode`` option of ``AdamWeyl``).
+SIGMA_MODES = ("vector_reduce", "gather")
+
+
+@dataclass
+class _Comm:
+    """Payload bytes this process handed to the σ collectives (for benchmarks)."""
+
+    bytes: int = 0
+    calls: int = 0
+
+    def add(self, t: Tensor) -> None:
+        self.bytes += t.numel() * t.element_size()
+        self.calls += 1
+
+    def reset(self) -> None:
+        self.bytes = 0
+        self.calls = 0
+
+
+COMM_STATS = _Comm()
+
+
+def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
+    """(m, n) of the matrix AdamW² caps for a tensor of this shape: (shape[0], rest), vectors (1, n)."""
+    shape = torch.Size(shape)
+    if len(shape) >= 2:
+        return int(shape[0]), int(shape[1:].numel())
+    return 1, int(shape.numel())
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """Where this rank's pieces of a list of matrices are; the same matrices, in the same order, on every
+    rank of ``group``: matrix i is ``dims[i]`` = (m, n), and this rank holds the elements
+    [``starts[i]``, ``starts[i] + numels[i]``) of its row-major flattening."""
+
+    dims: tuple[tuple[int, int], ...]
+    starts: tuple[int, ...]
+    numels: tuple[int, ...]
+    group: Any
+
+    def __post_init__(self) -> None:
+        if not len(self.dims) == len(self.starts) == len(self.numels):
+            raise ValueError("Pieces: dims, starts and numels must have one entry per matrix")
+        for (m, n), s, c in zip(self.dims, self.starts, self.numels):
+            if c and not (0 <= s and s + c <= m * n):
+                raise ValueError(f"Pieces: elements [{s}, {s + c}) do not lie in a {m}×{n} matrix")
+
+
+def sharded_sigmas(
+    weights: list[Tensor],
+    updates: list[Tensor],
+    pieces: Pieces,
+    weight_vectors: list[Tensor],
+    update_vectors: list[Tensor],
+    iters: int,
+    mode: str = "vector_reduce",
+) -> tuple[Tensor, Tensor]:
+    """(σ1(W_i), σ1(U_i)) of the distributed matrices whose local pieces (1-D, ``pieces.numels[i]`` long)
+    are ``weights[i]`` and ``updates[i]``; the replicated fp32 vectors are updated in place (warm start).
+    A collective call: every rank of ``pieces.group`` must call it with the same matrices."""
+    if mode not in SIGMA_MODES:
+        raise ValueError(f"unknown sigma_mode {mode!r}; valid: {SIGMA_MODES}")
+    k = len(pieces.dims)
+    both = Pieces(pieces.dims * 2, pieces.starts * 2, pieces.numels * 2, pieces.group)
+    flat = [t.reshape(-1) for t in (*weights, *updates)]
+    if mode == "gather":
+        fulls = _gather_matrices(flat, both)
+        # W's, then U's: the same power_iteration_ calls as on one device, so σ's are bit for bit the same.
+        return power_iteration_(fulls[:k], weight_vectors, iters), power_iteration_(fulls[k:], update_vectors, iters)
+    sigma = _sigma_vector_reduce(flat, both, [*weight_vectors, *update_vectors], iters)
+    return sigma[:k], sigma[k:]
+
+
+# --------------------------------------------------------------------------------------------
+# products of a contiguous row-major piece
+# --------------------------------------------------------------------------------------------
+
+
+def _split_piece(piece: Tensor, start: int, n: int):
+    """Split a row-major piece starting at element ``start`` of an (m×n) matrix into
+    (head row, head col, head values), (first full row, full rows as q×n), (tail row, tail values)."""
+    count = piece.numel()
+    h = min((-start) % n, count)
+    r0, c0 = divmod(start, n)
+    rest = piece[h:]
+    r1 = (start + h) // n
+    q = rest.numel() // n
+    return (r0, c0, piece[:h]), (r1, rest[: q * n].view(q, n)), (r1 + q, rest[q * n :])
+
+
+def _matvec(split, m: int, v: Tensor) -> Tensor:
+    """Partial A·v (length m) from this rank's piece of A."""
+    (r0, c0, head), (r1, mid), (r2, tail) = split
+    out = torch.zeros(m, dtype=v.dtype, device=v.device)
+    if head.numel():
+        out[r0] += torch.dot(head, v[c0 : c0 + head.numel()])
+    if mid.shape[0]:
+        out[r1 : r1 + mid.shape[0]] += mid @ v
+    if tail.numel():
+        out[r2] += torch.dot(tail, v[: tail.numel()])
+    return out
+
+
+def _rmatvec(split, n: int, w: Tensor) -> Tensor:
+    """Partial Aᵀ·w (length n) from this rank's piece of A."""
+    (r0, c0, head), (r1, mid), (r2, tail) = split
+    out = torch.zeros(n, dtype=w.dtype, device=w.device)
+    if head.numel():
+        out[c0 : c0 + head.numel()] += head * w[r0]
+    if mid.shape[0]:
+        out += mid.t() @ w[r1 : r1 + mid.shape[0]]
+    if tail.numel():
+        out[: tail.numel()] += tail * w[r2]
+    return out
+
+
+def _all_reduce(t: Tensor, group: Any) -> None:
+    COMM_STATS.add(t)
+    dist.all_reduce(t, group=group)
+
+
+def _sigma_vector_reduce(pieces: list[Tensor], where: Pieces, vectors: list[Tensor], iters: int) -> Tensor:
+    """σ1 of each distributed matrix by power iteration; only the m-/n-vectors are all-reduced (batched).
+
+    Mirrors :func:`hf_weyl.core.power_iteration.power_step` (short side, warm start, scale-safe, never NaN)."""
+    pieces = [p.float() for p in pieces]  # fp32 math (a no-op for fp32 pieces)
+    splits = [_split_piece(p, s, n) for p, s, (m, n) in zip(pieces, where.starts, where.dims)]
+    tall = [n <= m for m, n in where.dims]  # B = A (x ∈ R^n) if tall else Aᵀ (x ∈ R^m)
+    sigmas = torch.zeros(len(pieces), dtype=torch.float32, device=vectors[0].device if vectors else None)
+    for _ in range(iters):
+        bx = [_matvec(sp, m, x) if t else _rmatvec(sp, n, x) for sp, (m, n), t, x in zip(splits, where.dims, tall, vectors)]
+        buf = torch.cat(bx)
+        _all_reduce(buf, where.group)
+        unit = [unit_rows(v) for v in buf.split([b.numel() for b in bx])]
+        c = subnormal_guard(torch.stack([norm for _, norm in unit])) if unit else sigmas
+        ys = [y * ci for (y, _), ci in zip(unit, c)]
+        bty = [_rmatvec(sp, n, y) if t else _matvec(sp, m, y) for sp, (m, n), t, y in zip(splits, where.dims, tall, ys)]
+        buf = torch.cat(bty)
+        _all_reduce(buf, where.group)
+        zs = [unit_rows(z) for z in buf.split([b.numel() for b in bty])]
+        sigmas = torch.stack([norm for _, norm in zs]) / c if zs else sigmas
+        ok = (sigmas > 0) & torch.isfinite(sigmas)
+        for x, (z, _), good in zip(vectors, zs, ok):
+            x.copy_(torch.where(good, z, x))
+    return finite_sigma(sigmas)
+
+
+def _all_gather(t: Tensor, group: Any) -> list[Tensor]:
+    COMM_STATS.add(t)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return out
+
+
+def _gather_matrices(pieces: list[Tensor], where: Pieces) -> list[Tensor]:
+    """The full (m × n) fp32 matrices, all-gathered from every rank's pieces."""
+    device = pieces[0].device if pieces else None
+    meta = torch.tensor([[s, p.numel()] for s, p in zip(where.starts, pieces)], dtype=torch.int64, device=device)
+    metas = _all_gather(meta.reshape(-1, 2), where.group)
+    sizes = [int(m[:, 1].sum()) for m in metas]
+    local = torch.cat(pieces).to(device=device, dtype=torch.float32) if pieces else torch.zeros(0, device=device)
+    local = torch.cat([local, local.new_zeros(max(sizes) - local.numel())])
+    chunks = _all_gather(local, where.group)
+    fulls = [torch.zeros(m * n, dtype=torch.float32, device=device) for m, n in where.dims]
+    for rank_meta, chunk in zip(metas, chunks):
+        pos = 0
+        for full, (start, numel) in zip(fulls, rank_meta.tolist()):
+            full[start : start + numel] = chunk[pos : pos + numel]
+            pos += numel
+    return [f.view(m, n) for f, (m, n) in zip(fulls, where.dims)]
+
+
+def comm_bytes_per_step(
+    shapes: list[tuple[int, ...]], world: int, mode: str, *, power_iters: int = 1, bytes_per_float: int = 4
+) -> dict[str, float]:
+    """Payload bytes one rank hands to the σ collectives per optimizer step for these capped tensors (one
+    call of :func:`sharded_sigmas`), and the bytes it sends on the wire with ring algorithms."""
+    if mode not in SIGMA_MODES:
+        raise ValueError(f"unknown sigma_mode {mode!r}; valid: {SIGMA_MODES}")
+    if not shapes:
+        return {"payload": 0, "wire": 0, "collectives": 0}
+    if mode == "vector_reduce":
+        payload = sum(2 * (m + n) for m, n in map(matrix_dims, shapes)) * power_iters * bytes_per_float
+        return {"payload": payload, "wire": 2 * (world - 1) / world * payload, "collectives": 2 * power_iters}
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    local = 2 * numel / world * bytes_per_float  # W and U pieces (≈ evenly split)
+    meta = 16 * len(shapes) * 2
+    return {"payload": local + meta, "wire": (world - 1) * (local + meta), "collectives": 2}
