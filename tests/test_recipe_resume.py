@@ -178,3 +178,37 @@ def test_incomplete_checkpoint_is_refused_at_start_up(gpt2_full, tmp_path, capsy
         run(GPT2, tmp_path / "o", *GPT2_RUN, "--resume_from_checkpoint", str(partial))
     assert exc.value.code == 2
     assert "is not a complete checkpoint: optimizer.bin is missing" in capsys.readouterr().err
+
+
+def test_bounded_evaluation_gives_the_training_loader_back():
+    """The cause of case 2, at accelerate's level: a ``break`` out of a prepared evaluation loader leaves it the
+    active loader, so the training epoch's last batch is not seen as its end (no gradient sync there); evaluating
+    ``first_rows`` of the set to its end hands the training loader back."""
+    import datasets
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from hf_weyl.recipe.data import first_rows
+
+    train = datasets.Dataset.from_dict({"x": [[1.0, 2.0]] * 5}).with_format("torch")
+    evaluation = datasets.Dataset.from_dict({"x": [[1.0, 2.0]] * 6}).with_format("torch")
+
+    def syncs(bounded: bool) -> list[bool]:
+        _fresh_state()
+        accelerator = Accelerator(gradient_accumulation_steps=2)
+        eval_set = first_rows(evaluation, 2) if bounded else evaluation
+        model, train_loader, eval_loader = accelerator.prepare(
+            torch.nn.Linear(2, 1), DataLoader(train, batch_size=1), DataLoader(eval_set, batch_size=2))
+        synced = []
+        for i, _ in enumerate(train_loader):
+            with accelerator.accumulate(model):
+                pass
+            synced.append(accelerator.sync_gradients)
+            if i == 1:  # an evaluation inside the epoch, on 1 of the 3 evaluation batches
+                for j, _ in enumerate(eval_loader):
+                    if not bounded and j == 1:
+                        break  # the former recipes' evaluation
+        return synced
+
+    assert syncs(bounded=True) == [False, True, False, True, True]  # batch 5 of 5 ends the epoch: synced
+    assert syncs(bounded=False) == [False, True, False, True, False]  # the end of the epoch is missed
