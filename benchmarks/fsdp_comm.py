@@ -1,0 +1,168 @@
+"""Communication and step time of AdamWeyl under PyTorch FSDP2 (``fully_shard``).
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/fsdp_comm.py [--layers 4 --width 256 --steps 20]
+
+1. Bytes per optimizer step that each σ mode sends, computed from GPT-2 small's shapes (124M, built on
+   the meta device, nothing downloaded) at 2 and 8 ranks, next to FSDP2's own traffic per step
+   (all-gather of the parameters in forward and again in backward, reduce-scatter of the gradients).
+2. The same formula checked against the bytes a 2-rank CPU run actually hands to its σ collectives
+   (``hf_weyl.distributed.COMM_STATS``) on a small GPT-2.
+3. Step-time ratio AdamWeyl / torch AdamW under FSDP2 on 2 CPU ranks, measured side by side (alternating
+   the models step by step), for the optimizer step alone and for the whole training step; torch AdamW
+   both with its default (foreach, through DTensor dispatch) and with ``fused=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hf_weyl import AdamWeyl
+from hf_weyl.distributed import COMM_STATS, SIGMA_MODES, comm_bytes_per_step
+
+
+def param_groups(model, wd=0.1):
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": wd}, {"params": other, "weight_decay": 0.0}]
+
+
+def capped_shapes(model):
+    """Shapes of the matrices AdamW² caps (tied weights counted once): one param group, one σ call."""
+    return [tuple(p.shape) for p in model.parameters() if p.ndim >= 2]
+
+
+def mib(x):
+    return f"{x / 2**20:.2f} MiB"
+
+
+def gpt2_small_table():
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config())
+    n = sum(p.numel() for p in model.parameters())
+    shapes = capped_shapes(model)
+    print(f"\n## GPT-2 small ({n / 1e6:.1f}M parameters, {len(shapes)} capped matrices), bytes per rank per step")
+    print("| ranks | σ mode | payload | on the wire (ring) | collectives | vs FSDP2's own traffic on the wire (bf16 / fp32 params) |")
+    print("|---|---|---|---|---|---|")
+    for world in (2, 8):
+        # all-gather in forward + all-gather in backward (reshard_after_forward) + reduce-scatter of grads
+        fsdp = {b: 3 * (world - 1) / world * n * b for b in (2, 4)}
+        for mode in SIGMA_MODES:
+            for iters, label in ((1, "warm, 1 iter"), (4, "cold start, 4 iters")):
+                if mode == "gather" and iters == 4:
+                    continue  # gather cost does not depend on the iterations
+                p = comm_bytes_per_step(shapes, world, mode, power_iters=iters)
+                print(
+                    f"| {world} | {mode} ({label}) | {mib(p['payload'])} | {mib(p['wire'])} | {int(p['collectives'])} "
+                    f"| {p['wire'] / fsdp[2]:.2%} of {mib(fsdp[2])} / {p['wire'] / fsdp[4]:.2%} of {mib(fsdp[4])} |"
+                )
+
+
+def small_gpt2(layers, width, seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=4, vocab_size=1000, n_positions=128)
+    return GPT2LMHeadModel(cfg)
+
+
+def sharded(layers, width, mesh):
+    model = small_gpt2(layers, width)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def make_optimizer(name, model, mode="vector_reduce"):
+    if name == "adamw_foreach":
+        return torch.optim.AdamW(param_groups(model), lr=1e-3, foreach=True)
+    if name == "adamw_fused":
+        return torch.optim.AdamW(param_groups(model), lr=1e-3, fused=True)
+    return AdamWeyl(param_groups(model), lr=1e-3, tau=0.01, sigma_mode=mode)
+
+
+def batch(step, seq=64):
+    g = torch.Generator().manual_seed(step * 7 + dist.get_rank())
+    return torch.randint(0, 1000, (4, seq), generator=g)
+
+
+def train_step(model, opt, step):
+    ids = batch(step)
+    t0 = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    t1 = time.perf_counter()
+    opt.step()
+    t2 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    return t2 - t0, t2 - t1
+
+
+def measured_vs_predicted(layers, width, mesh):
+    world = dist.get_world_size()
+    rows = []
+    for mode in SIGMA_MODES:
+        model = sharded(layers, width, mesh)
+        opt = make_optimizer("weyl", model, mode)
+        train_step(model, opt, 0)  # cold start (cold_start_iters)
+        COMM_STATS.reset()
+        train_step(model, opt, 1)
+        measured = torch.tensor([float(COMM_STATS.bytes)])
+        dist.all_reduce(measured)
+        want = comm_bytes_per_step(capped_shapes(model), world, mode)["payload"]
+        rows.append((mode, measured.item() / world, want, COMM_STATS.calls))
+    if dist.get_rank() == 0:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"\n## Measured on {world} CPU ranks, GPT-2 n_layer={layers} n_embd={width} vocab=1000 ({n / 1e6:.2f}M params), FSDP2")
+        print("| σ mode | measured payload/rank/step | predicted | collectives/step |")
+        print("|---|---|---|---|")
+        for mode, got, want, calls in rows:
+            print(f"| {mode} | {got:,.0f} B | {want:,.0f} B | {calls} |")
+
+
+def step_time_ratio(layers, width, steps, mesh):
+    names = ("adamw_foreach", "adamw_fused", "weyl")
+    runs = {}
+    for name in names:
+        model = sharded(layers, width, mesh)
+        runs[name] = (model, make_optimizer(name, model))
+    times = {name: ([], []) for name in names}
+    for step in range(steps + 2):
+        for name, (model, opt) in runs.items():
+            total, opt_time = train_step(model, opt, step)
+            if step >= 2:  # warm-up (and AdamWeyl's cold start) excluded
+                times[name][0].append(total)
+                times[name][1].append(opt_time)
+    med = {name: [sorted(t)[len(t) // 2] for t in ts] for name, ts in times.items()}
+    if dist.get_rank() == 0:
+        print(f"\n## Step time under FSDP2, {dist.get_world_size()} CPU ranks, GPT-2 n_layer={layers} n_embd={width}, "
+              f"batch 4×64 per rank, median of {steps} alternating steps")
+        print("| | AdamW foreach | AdamW fused | AdamWeyl (vector_reduce) | AdamWeyl / foreach | AdamWeyl / fused |")
+        print("|---|---|---|---|---|---|")
+        for i, what in enumerate(("whole training step", "optimizer.step()")):
+            a, f, w = med["adamw_foreach"][i], med["adamw_fused"][i], med["weyl"][i]
+            print(f"| {what} | {a * 1e3:.1f} ms | {f * 1e3:.1f} ms | {w * 1e3:.1f} ms | {w / a:.2f} | {w / f:.2f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    if dist.get_rank() == 0:
+        gpt2_small_table()
+    measured_vs_predicted(args.layers, args.width, mesh)
+    step_time_ratio(args.layers, args.width, args.steps, mesh)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
