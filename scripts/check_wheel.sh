@@ -27,7 +27,7 @@ WHEEL=$(ls "$WORK"/dist/hf_weyl-*.whl)
 "$PY" - "$WHEEL" <<'PYEOF'
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-need = ["hf_weyl/__main__.py", "hf_weyl/recipe/model_cards/adamw_weyl_recipe.md",
+need = ["hf_weyl/__main__.py", "hf_weyl/recipe/model_cards/adamw_weyl_recipe.md", "hf_weyl/core/csrc/weyl_cpu.cpp",
         "hf_weyl/recipe/metrics/accuracy/accuracy.py", "hf_weyl/recipe/metrics/perplexity/perplexity.py"]
 missing = [n for n in need if n not in names]
 if missing:

@@ -10,44 +10,43 @@ By Weyl's inequality σ1(W_t) ≤ (1 + α'λ) σ1(W_{t-1}) + α' σ_U, so withou
 step satisfies σ1(W_t − W_{t−1}) ≤ τ σ1(W_{t−1}) (up to the power-iteration error).
 
 The denominator follows ``torch.optim.AdamW``: U = m̂ / (sqrt(v̂) + ε). With a τ that never binds,
-these functions reproduce AdamW to float rounding. The steps are split in phases so that the
-DeepSpeed ZeRO form (which computes σ across ranks) composes the same pieces.
+these functions reproduce AdamW to float rounding.
 
-On the CPU, :func:`adamweyl_step` walks the tensors in cache-sized chunks (``CPU_CHUNK_BYTES`` of
-parameters each): moments, direction, both power iterations and the update of a chunk run while
-its tensors are still in the last-level cache, and the directions of all chunks share one work
-buffer allocated once per step (for bf16/fp16 parameters also one fp32 scratch buffer for the
-power-iteration copies), so no model-sized buffer has its pages faulted in afresh every step.
-Chunks are cut between tensors (the cap is per tensor), so the result is the same element by
-element. On accelerators the whole list is one chunk (one fused foreach launch per op).
+Two implementations of the step, equal to float rounding:
+
+* the eager one (:func:`eager_step`), in phases over lists of tensors (moments, direction, σ's, cap,
+  update) that the engine adapters compose with σ's computed across ranks; it runs everywhere;
+* on the CPU, for contiguous fp32/bf16 matrices, the fused one (``csrc/weyl_cpu.cpp``, see
+  :mod:`hf_weyl.core.cpu_kernel`): three passes over each matrix instead of about 17, the tensors
+  AdamW² does not cap stepped by torch's fused AdamW kernel. :func:`adamweyl_step` picks it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import accumulate
 
 import torch
 from torch import Tensor
 
+from .cpu_kernel import cpu_kernel
 from .power_iteration import as_matrix, power_iteration_
 
 __all__ = [
-    "CPU_CHUNK_BYTES",
+    "FUSED_CPU_DTYPES",
     "SigmaFn",
+    "WorkBuffer",
     "adam_direction",
     "adam_moments_",
     "adamweyl_step",
     "apply_capped_update_",
     "cap_ratio",
+    "eager_step",
+    "fused_cpu_applies",
     "is_capped",
 ]
 
-
-#: On the CPU, :func:`adamweyl_step` processes consecutive tensors in chunks of at most this many
-#: parameter bytes (a larger tensor is a chunk of its own). 8 MiB keeps a chunk's parameters,
-#: gradients, moments and direction within a typical 32 MiB last-level cache.
-CPU_CHUNK_BYTES = 8 << 20
+#: Parameter dtypes the fused CPU step handles (others take the eager step).
+FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 #: σ's of the capped tensors of a step whose matrices are not whole on this device (engine adapters):
@@ -94,38 +93,22 @@ def adam_direction(
     bias_corrections2: list[float],
     *,
     eps: float,
-    out: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[float]]:
     """The AdamW direction U = m̂ / (sqrt(v̂) + ε) as (D, s) with U = s·D per tensor.
 
     With c = sqrt(1−β2^t): U = (m/(1−β1^t)) / (sqrt(v)/c + ε) = (c/(1−β1^t)) · m / (sqrt(v) + cε),
-    so D = m / (sqrt(v) + cε) and s = c/(1−β1^t). This costs four passes, as AdamW's own
-    denominator + addcdiv do, and one work buffer per tensor (the one AdamW allocates too), or
-    D is written into ``out`` (tensors shaped like the moments).
+    so D = m / (sqrt(v) + cε) and s = c/(1−β1^t): four passes and one work buffer per tensor, as AdamW's
+    own denominator + addcdiv.
     """
     roots = [bc**0.5 for bc in bias_corrections2]
-    if out is None:
-        direction = torch._foreach_sqrt(exp_avg_sqs)
-    else:
-        torch._foreach_copy_(out, exp_avg_sqs)
-        torch._foreach_sqrt_(out)
-        direction = out
+    direction = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(direction, [eps * c for c in roots])
     torch._foreach_reciprocal_(direction)
     torch._foreach_mul_(direction, exp_avgs)
     return direction, [c / bc for c, bc in zip(roots, bias_corrections1)]
 
 
-def _fp32(tensors: list[Tensor], scratch: list[Tensor] | None, idx: list[int]) -> list[Tensor]:
-    """Matrix views of ``tensors``, copied into ``scratch[idx]`` (fp32) when given."""
-    if scratch is None:
-        return [as_matrix(t) for t in tensors]
-    targets = [scratch[i] for i in idx]
-    torch._foreach_copy_(targets, tensors)
-    return [as_matrix(t) for t in targets]
-
-
-def cap_ratio(sigma_weight: Tensor, sigma_update: Tensor, capped: Tensor, *, lr: float, tau: float) -> Tensor:
+def cap_ratio(sigma_weight: Tensor, sigma_update: Tensor, capped: Tensor, *, lr: float | Tensor, tau: float) -> Tensor:
     """Effective / scheduled lr per tensor: τσ_W/(α σ_U) where the cap binds, else 1.
 
     A tensor with σ_W = 0 (e.g. a zero-initialised bias) has no scale to be relative to and is
@@ -143,7 +126,7 @@ def apply_capped_update_(
     ratio: Tensor,
     direction_scales: list[float],
     *,
-    lr: float,
+    lr: float | Tensor,
     weight_decay: float,
 ) -> None:
     """W ← W(1 − α'λ) − α' s D with α' = lr · ratio per tensor (U = s·D), without a host sync."""
@@ -155,6 +138,29 @@ def apply_capped_update_(
     torch._foreach_addcmul_(params, directions, list((-eff_lr * scales).unbind(0)))
 
 
+class WorkBuffer:
+    """A flat buffer per dtype, grown as needed and kept between steps (the fused CPU step writes U there:
+    one buffer the size of the largest capped matrix, instead of page-faulting a fresh one every step)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, Tensor] = {}
+
+    def get(self, dtype: torch.dtype, numel: int) -> Tensor:
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[dtype] = torch.empty(numel, dtype=dtype)
+        return buf
+
+
+def fused_cpu_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> bool:
+    """Whether :func:`adamweyl_step` can take the fused CPU step for these tensors (it also needs the kernel)."""
+    return all(
+        t.device.type == "cpu" and t.dtype == params[0].dtype and t.is_contiguous() and not t.is_sparse
+        for seq in (params, grads, exp_avgs, exp_avg_sqs)
+        for t in seq
+    ) and params[0].dtype in FUSED_CPU_DTYPES
+
+
 def adamweyl_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -164,7 +170,7 @@ def adamweyl_step(
     weight_vectors: list[Tensor | None],
     update_vectors: list[Tensor | None],
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -172,67 +178,29 @@ def adamweyl_step(
     tau: float,
     power_iters: int,
     sigma: SigmaFn | None = None,
+    weight_products: list[Tensor | None] | None = None,
+    work: WorkBuffer | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One AdamW² step over tensors on one device. Tensors whose vectors are None are not capped.
 
-    ``sigma`` (a :data:`SigmaFn`) computes the σ's of the capped tensors when their matrices are split
-    across ranks (a collective call: the step then runs as one chunk, so every rank calls it once); by
-    default σ's come from power iteration of the whole matrices. Returns (lr ratio, σ_W, σ_U) per tensor as fp32 tensors on the
-    device (σ = 0 where not capped).
+    Takes the fused CPU step where it applies (CPU, contiguous fp32/bf16, whole matrices — no ``sigma``
+    — and ``weight_products``/``work`` given: the per-matrix fp32 vector b_W = B_W x_W the fused step
+    keeps between steps, and its work buffer), else :func:`eager_step`. ``sigma`` (a :data:`SigmaFn`)
+    computes the σ's of the capped tensors when their matrices are split across ranks. Returns
+    (lr ratio, σ_W, σ_U) per tensor as fp32 tensors on the device (σ = 0 where not capped).
     """
     lists = (params, grads, exp_avgs, exp_avg_sqs, steps, weight_vectors, update_vectors)
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, tau=tau, power_iters=power_iters)
-    if params[0].device.type != "cpu" or sigma is not None:
-        return _step_chunk(*lists, **hyper, sigma=sigma)
-    bounds = _chunk_bounds(params, CPU_CHUNK_BYTES)
-    # Work buffers shared by all chunks, allocated (and their pages touched) once per step: the
-    # direction, and for bf16/fp16 an fp32 copy of the matrix under power iteration.
-    numel = max(sum(_aligned(t.numel()) for t in params[a:b]) for a, b in bounds)
-    work = exp_avg_sqs[0].new_empty(numel)
-    low_precision = torch.promote_types(work.dtype, torch.float32) != work.dtype
-    scratch = work.new_empty(numel, dtype=torch.float32) if low_precision else None
-    results = []
-    for a, b in bounds:
-        results.append(
-            _step_chunk(
-                *(seq[a:b] for seq in lists),
-                **hyper,
-                out=_views(work, params[a:b]),
-                fp32_scratch=None if scratch is None else _views(scratch, params[a:b]),
-            )
-        )
-    if len(results) == 1:
-        return results[0]
-    return tuple(torch.cat(parts) for parts in zip(*results))  # type: ignore[return-value]
+    fused = sigma is None and weight_products is not None and work is not None and not isinstance(lr, Tensor)
+    if fused and fused_cpu_applies(*lists[:4]):
+        kernel = cpu_kernel()
+        if kernel is not None:
+            return _fused_cpu_step(kernel, *lists, weight_products, work, **hyper)
+    return eager_step(*lists, **hyper, sigma=sigma)
 
 
-def _aligned(numel: int) -> int:
-    """``numel`` rounded up to 16 elements (64 bytes of fp32): every view of a work buffer starts on a cache line,
-    as a fresh allocation does, so BLAS kernels (whose summation order may follow alignment) give the same
-    σ's whatever a tensor's position in its chunk."""
-    return -(-numel // 16) * 16
-
-
-def _views(buffer: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """Consecutive 64-byte aligned views of a flat buffer shaped like ``like``."""
-    offsets = accumulate((_aligned(t.numel()) for t in like), initial=0)
-    return [buffer[o : o + t.numel()].view(t.shape) for o, t in zip(offsets, like)]
-
-
-def _chunk_bounds(tensors: list[Tensor], max_bytes: int) -> list[tuple[int, int]]:
-    """[start, end) ranges of consecutive tensors with at most ``max_bytes`` each (≥ 1 tensor per range)."""
-    bounds, start, size = [], 0, 0
-    for i, t in enumerate(tensors):
-        nbytes = t.numel() * t.element_size()
-        if i > start and size + nbytes > max_bytes:
-            bounds.append((start, i))
-            start, size = i, 0
-        size += nbytes
-    bounds.append((start, len(tensors)))
-    return bounds
-
-
-def _step_chunk(
+def _fused_cpu_step(
+    kernel,
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -240,6 +208,8 @@ def _step_chunk(
     steps: list[Tensor],
     weight_vectors: list[Tensor | None],
     update_vectors: list[Tensor | None],
+    weight_products: list[Tensor | None],
+    work: WorkBuffer,
     *,
     lr: float,
     beta1: float,
@@ -248,18 +218,58 @@ def _step_chunk(
     weight_decay: float,
     tau: float,
     power_iters: int,
-    out: list[Tensor] | None = None,
-    fp32_scratch: list[Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused CPU step: torch's fused AdamW for the tensors that are not capped, ``csrc/weyl_cpu.cpp`` for
+    the matrices (three passes each; see the source for the maths)."""
+    torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    n = len(params)
+    ratio, sigma_w, sigma_u = torch.ones(n), torch.zeros(n), torch.zeros(n)
+    idx = [i for i, v in enumerate(weight_vectors) if v is not None]
+    rest = [i for i, v in enumerate(weight_vectors) if v is None]
+    if rest:
+        torch._fused_adamw_(
+            [params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
+            [exp_avg_sqs[i] for i in rest], [], [steps[i] for i in rest],
+            lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+        )
+    if idx:
+        ts = [float(steps[i]) for i in idx]  # step counters live on the CPU
+        stats = kernel.weyl_step(
+            [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx],
+            work.get(params[0].dtype, max(params[i].numel() for i in idx)),
+            [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx], [weight_products[i] for i in idx],
+            [as_matrix(params[i]).shape[0] for i in idx], [1 - beta1**t for t in ts], [1 - beta2**t for t in ts],
+            lr, beta1, beta2, eps, weight_decay, tau, power_iters,
+        )
+        index = torch.tensor(idx)
+        ratio.index_copy_(0, index, stats[0])
+        sigma_w.index_copy_(0, index, stats[1])
+        sigma_u.index_copy_(0, index, stats[2])
+    return ratio, sigma_w, sigma_u
+
+
+def eager_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    weight_vectors: list[Tensor | None],
+    update_vectors: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    tau: float,
+    power_iters: int,
     sigma: SigmaFn | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`adamweyl_step` on one chunk of tensors; the direction goes to ``out`` if given.
-
-    ``fp32_scratch`` (tensors shaped like ``params``) receives fp32 copies of low-precision
-    matrices for the power iteration, instead of a fresh allocation per matrix.
-    """
+    """The AdamW² step in phases with foreach ops, on any device (the reference the fused step equals)."""
     device = params[0].device
     bc1, bc2 = adam_moments_(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2)
-    directions, scales = adam_direction(exp_avgs, exp_avg_sqs, bc1, bc2, eps=eps, out=out)
+    directions, scales = adam_direction(exp_avgs, exp_avg_sqs, bc1, bc2, eps=eps)
 
     n = len(params)
     sigma_w = torch.zeros(n, dtype=torch.float32, device=device)
@@ -268,8 +278,8 @@ def _step_chunk(
     if idx:
         w_vecs, u_vecs = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
         if sigma is None:
-            sw = power_iteration_(_fp32([params[i] for i in idx], fp32_scratch, idx), w_vecs, power_iters)
-            su = power_iteration_(_fp32([directions[i] for i in idx], fp32_scratch, idx), u_vecs, power_iters)
+            sw = power_iteration_([as_matrix(params[i]) for i in idx], w_vecs, power_iters)
+            su = power_iteration_([as_matrix(directions[i]) for i in idx], u_vecs, power_iters)
         else:
             sw, su = sigma(idx, [params[i] for i in idx], [directions[i] for i in idx], w_vecs, u_vecs, power_iters)
         index = torch.tensor(idx, device=device)

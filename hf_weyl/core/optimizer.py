@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .functional import SigmaFn, adamweyl_step, is_capped
+from .functional import SigmaFn, WorkBuffer, adamweyl_step, is_capped
 from .power_iteration import initial_vector, vector_length
 
 __all__ = [
@@ -40,9 +40,12 @@ DEFAULT_COLD_START_ITERS = 4
 #: How σ's of matrices split across ranks are computed (see ``hf_weyl.distributed``).
 SIGMA_MODES = ("vector_reduce", "gather")
 
-#: Optimizer-state keys of the power-iteration vectors (fp32, kept between steps).
+#: Optimizer-state keys of the power-iteration vectors (fp32, kept between steps), and of the product
+#: b_W = B_W x_W of the weights after the last update that the fused CPU step keeps for the next one.
 WEIGHT_VECTOR = "weight_vector"
 UPDATE_VECTOR = "update_vector"
+WEIGHT_PRODUCT = "weight_product"
+FP32_STATE = (WEIGHT_VECTOR, UPDATE_VECTOR, WEIGHT_PRODUCT)
 
 #: Param-group key: the group's position when it was added (DeepSpeed ZeRO narrows ``param_groups``
 #: to one group per call; this finds the parameters the group was built with).
@@ -186,6 +189,13 @@ def _validate_group(g: dict[str, Any]) -> None:
             raise ValueError(f"AdamWeyl: parameters must be floating point, got {p.dtype} of shape {tuple(p.shape)}")
 
 
+def _host_or_device_lr(lr: float | Tensor) -> float | Tensor:
+    """A Python float, unless the lr is a tensor on an accelerator: then it stays there (no host sync)."""
+    if isinstance(lr, Tensor) and lr.device.type != "cpu":
+        return lr
+    return float(lr)
+
+
 class _Fp32Vector:
     """A power-iteration vector passing through ``Optimizer.load_state_dict`` untouched (torch casts every
     floating state tensor to its parameter's dtype, which would round the fp32 vectors of bf16 parameters)."""
@@ -254,6 +264,7 @@ class AdamWeyl(Optimizer):
         self._built_ids: set[int] = set()
         self._adapters: dict[str, EngineAdapter] = {}
         self._group_stats: dict[int, CapStats | None] = {}
+        self._work = WorkBuffer()  # the fused CPU step's buffer for U, kept between steps
         super().__init__(params, defaults)
         self.last_stats: CapStats | None = None
         for adapter in _ENGINE_ADAPTERS:
@@ -295,13 +306,14 @@ class AdamWeyl(Optimizer):
         self.__dict__.setdefault("_built_ids", {id(p) for g in self._group_params for p in g})
         self.__dict__.setdefault("_adapters", {})
         self.__dict__.setdefault("_group_stats", {})
+        self.__dict__.setdefault("_work", WorkBuffer())
         self.__dict__.setdefault("last_stats", None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``Optimizer.load_state_dict``; the power-iteration vectors stay fp32 (bit-identical resume)."""
         state_dict = dict(state_dict)
         state_dict["state"] = {
-            pid: {k: _Fp32Vector(v) if k in (WEIGHT_VECTOR, UPDATE_VECTOR) and torch.is_tensor(v) else v for k, v in s.items()}
+            pid: {k: _Fp32Vector(v) if k in FP32_STATE and torch.is_tensor(v) else v for k, v in s.items()}
             for pid, s in state_dict["state"].items()
         }
         super().load_state_dict(state_dict)
@@ -325,13 +337,16 @@ class AdamWeyl(Optimizer):
             )
         return None
 
-    def _init_state(self, p: Tensor, capped: bool) -> bool:
-        """Create missing state for ``p``; True if its power-iteration vectors start cold."""
+    def _init_state(self, p: Tensor, capped: bool, whole: bool) -> bool:
+        """Create missing state for ``p``; True if its power-iteration vectors start cold. ``whole``: the
+        matrix is whole on this device (it may take the fused CPU step, which keeps b_W between steps)."""
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if capped and whole and p.device.type == "cpu" and WEIGHT_PRODUCT not in state:
+            state[WEIGHT_PRODUCT] = torch.zeros(0)  # none yet: the first fused step computes it
         if capped and WEIGHT_VECTOR not in state:
             k = vector_length(p.shape)
             state[WEIGHT_VECTOR] = initial_vector(k, p.device)
@@ -372,7 +387,7 @@ class AdamWeyl(Optimizer):
         parts = []
         for params in buckets.values():
             capped = [is_capped(p.shape, group["cap_vectors"]) for p in params]
-            cold = any([self._init_state(p, c) for p, c in zip(params, capped)])
+            cold = any([self._init_state(p, c, sigma is None) for p, c in zip(params, capped)])
             states = [self.state[p] for p in params]
             iters = max(group["power_iters"], group["cold_start_iters"]) if cold else group["power_iters"]
             bucket_sigma: SigmaFn | None = None
@@ -388,7 +403,7 @@ class AdamWeyl(Optimizer):
                 [s["step"] for s in states],
                 [s[WEIGHT_VECTOR] if c else None for s, c in zip(states, capped)],
                 [s[UPDATE_VECTOR] if c else None for s, c in zip(states, capped)],
-                lr=float(group["lr"]),
+                lr=_host_or_device_lr(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
@@ -396,6 +411,8 @@ class AdamWeyl(Optimizer):
                 tau=group["tau"],
                 power_iters=iters,
                 sigma=bucket_sigma,
+                weight_products=[s.get(WEIGHT_PRODUCT) if c else None for s, c in zip(states, capped)],
+                work=self._work,
             )
             parts.append(CapStats(params, ratio, sw, su, torch.tensor(capped, device=ratio.device), engine))
         return CapStats.cat(parts) if parts else None

@@ -1,0 +1,346 @@
+// AdamW² step for whole matrices on the CPU, in three passes over each matrix (the eager step makes ~17).
+//
+// A (m × n, row-major) is a weight matrix with gradient G and moments M, V (all of type T); x_W, x_U are
+// the fp32 warm-start vectors (length k = min(m, n)); B = A if n ≤ m else Aᵀ (the short side); U is
+// AdamW's direction. With power_iters = 1 and the previous step's product b_W = B_W x_W kept:
+//
+//   pass 1  M ← β1 M + (1−β1) G,  V ← β2 V + (1−β2) G²   (stored in T)
+//           U = (M / bc1) / (sqrt(V) / sqrt(bc2) + ε)     (from the stored M, V; written to a work buffer)
+//           b_U = B_U x_U,  z_W = B_Wᵀ (c y_W) with y_W = b_W / ‖b_W‖
+//   pass 2  z_U = B_Uᵀ (c y_U) with y_U = b_U / ‖b_U‖
+//           σ = ‖z‖ / c,  x ← z / ‖z‖ where σ is finite and > 0
+//   cap     α' = lr · min(1, τ σ_W / (lr σ_U)) where σ_W > 0
+//   pass 3  A ← A (1 − α' λ) − α' U,  and b_W = B_W x_W of the new A for the next step
+//
+// (c: a power of two keeping the products out of the subnormal range; 1 normally. ‖·‖ is scale-safe.)
+// b_W is exactly the first half of the next step's power iteration on the weights, which do not change
+// in between: computing it while the update writes A saves a pass. Without a kept b_W (first step, a
+// state loaded from elsewhere) pass 1 computes b_W and pass 2 the product with its normalisation, as the
+// eager step does; further power iterations (cold start, power_iters > 1) repeat both half-steps.
+// The results are the eager step's (hf_weyl.core.functional) to float rounding. Rows are split across
+// threads; column sums are accumulated per thread and added in thread order (deterministic for a given
+// thread count).
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;
+
+// Element access as fp32. bf16 is handled on its bits (round to nearest even, NaN kept), so that the
+// compiler vectorises the loops; c10::BFloat16's own conversion branches.
+inline float ld(const float* a, int64_t i) { return a[i]; }
+inline void st(float* a, int64_t i, float x) { a[i] = x; }
+inline float ld(const at::BFloat16* a, int64_t i) {
+  const uint32_t bits = uint32_t(reinterpret_cast<const uint16_t*>(a)[i]) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return uint16_t(((u & 0x7FFFFFFFu) > 0x7F800000u) ? 0x7FC0u : rounded);
+}
+inline void st(at::BFloat16* a, int64_t i, float x) { reinterpret_cast<uint16_t*>(a)[i] = bf16_bits(x); }
+
+struct Hyper {
+  float beta1, beta2, eps, lr, weight_decay, tau;
+};
+
+// v ← v / ‖v‖ in place, returning ‖v‖, computed as max|v| · ‖v / max|v|‖ (no square under- or overflows).
+// A zero vector stays zero (norm 0); a non-finite one gives a NaN norm (callers then keep their vector).
+float unit_(std::vector<float>& v) {
+  float scale = 0.f;
+  bool finite = true;
+  for (float a : v) {
+    finite = finite && std::isfinite(a);
+    scale = std::max(scale, std::fabs(a));
+  }
+  if (!finite) return NAN;
+  if (!(scale > 0.f)) return 0.f;
+  double sum = 0.0;
+  for (float& a : v) {
+    a = a / scale;
+    sum += double(a) * double(a);
+  }
+  const float norm = float(std::sqrt(sum));
+  const float div = std::max(norm, 1.f);
+  for (float& a : v) a = a / div;
+  return norm * scale;
+}
+
+float subnormal_guard(float s) {
+  if (s > 0.f && s < std::ldexp(1.f, -60)) {
+    const int e = int(std::floor(std::log2(s)));
+    return std::ldexp(1.f, std::min(-e, 126));
+  }
+  return 1.f;
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
+  }
+  float s = 0.f;
+  for (; j < n; ++j) s += a[j] * b[j];
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+inline void axpy(float* out, const float* a, float s, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] += a[j] * s;
+}
+
+// One matrix-vector product accumulated row by row: rows of A are visited in order, each as a float
+// buffer. "dot" products give one output per row (A·v); the others accumulate Aᵀ·v into per-thread
+// partial sums over the columns, added up by finish().
+struct Product {
+  bool active = false;
+  bool dot = false;
+  const float* vec = nullptr;
+  std::vector<float> out, partial;
+  int64_t n = 0;
+
+  void start(bool is_dot, const float* v, int64_t rows, int64_t cols) {
+    active = true;
+    dot = is_dot;
+    vec = v;
+    n = cols;
+    out.assign(is_dot ? rows : cols, 0.f);
+    if (!is_dot) partial.assign(static_cast<size_t>(at::get_num_threads()) * cols, 0.f);
+  }
+  inline void row(const float* vals, int64_t r, int tid) {
+    if (!active) return;
+    if (dot) {
+      out[r] = ::dot(vals, vec, n);
+    } else {
+      axpy(partial.data() + static_cast<int64_t>(tid) * n, vals, vec[r], n);
+    }
+  }
+  void finish() {
+    if (!active || dot) return;
+    const int64_t threads = static_cast<int64_t>(partial.size()) / std::max<int64_t>(n, 1);
+    for (int64_t t = 0; t < threads; ++t) axpy(out.data(), partial.data() + t * n, 1.f, n);
+  }
+};
+
+// B·x ("long": the product with the long side) and Bᵀ·y ("short") as row-wise products of A.
+inline bool long_is_dot(int64_t m, int64_t n) { return n <= m; }   // tall: B = A, B x = A x
+inline bool short_is_dot(int64_t m, int64_t n) { return n > m; }   // wide: B = Aᵀ, Bᵀ y = A y
+
+template <typename T>
+struct Matrix {
+  T* w;
+  const T* g;
+  T* m;
+  T* v;
+  T* u;  // work buffer for U
+  int64_t rows, cols;
+  float inv_bc1, inv_bc2_sqrt;
+};
+
+// Row r of a T array as fp32: the array itself for fp32, else converted into `buf`.
+template <typename T>
+inline const float* row_as_float(const T* a, int64_t base, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return a + base;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) buf[j] = ld(a, base + j);
+    return buf;
+  }
+}
+
+template <typename Fn>
+void for_rows(int64_t m, int64_t n, Fn fn) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    std::vector<float> a(n), b(n);
+    for (int64_t r = begin; r < end; ++r) fn(r, tid, a.data(), b.data());
+  });
+}
+
+// Normalise b in place (y = b / ‖b‖) and scale it by the subnormal guard c; returns c.
+float to_unit_scaled(std::vector<float>& b) {
+  const float c = subnormal_guard(unit_(b));
+  for (float& y : b) y *= c;
+  return c;
+}
+
+// x ← z / ‖z‖ where σ = ‖z‖ / c is finite and positive; returns σ (0 where it is not).
+float finish_sigma(std::vector<float>& z, float c, float* x) {
+  const float sigma = unit_(z) / c;
+  if (sigma > 0.f && std::isfinite(sigma)) {
+    std::copy(z.begin(), z.end(), x);
+    return sigma;
+  }
+  return 0.f;
+}
+
+// One full power step on the array A (T*, m × n) from x; returns σ.
+template <typename T>
+float power_step_on(const T* a, int64_t m, int64_t n, float* x) {
+  Product first, second;
+  first.start(long_is_dot(m, n), x, m, n);
+  for_rows(m, n, [&](int64_t r, int tid, float* buf, float*) { first.row(row_as_float(a, r * n, n, buf), r, tid); });
+  first.finish();
+  const float c = to_unit_scaled(first.out);
+  second.start(short_is_dot(m, n), first.out.data(), m, n);
+  for_rows(m, n, [&](int64_t r, int tid, float* buf, float*) { second.row(row_as_float(a, r * n, n, buf), r, tid); });
+  second.finish();
+  return finish_sigma(second.out, c, x);
+}
+
+template <typename T>
+void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t, const at::Tensor& v_t,
+                 const at::Tensor& work, const at::Tensor& xw_t, const at::Tensor& xu_t, at::Tensor& bw_t, int64_t rows,
+                 double bc1, double bc2, const Hyper& h, int64_t iters, float* out) {
+  Matrix<T> a{p.data_ptr<T>(), g.data_ptr<T>(), m_t.data_ptr<T>(), v_t.data_ptr<T>(), work.data_ptr<T>(),
+              rows, p.numel() / rows, float(1.0 / bc1), float(1.0 / std::sqrt(bc2))};
+  const int64_t m = a.rows, n = a.cols;
+  float* xw = xw_t.data_ptr<float>();
+  float* xu = xu_t.data_ptr<float>();
+  const bool have_bw = bw_t.numel() == (long_is_dot(m, n) ? m : n);
+  // (locals, not struct members: stores through T* could alias them and force reloads in the loops)
+  const float b1 = h.beta1, b2 = h.beta2, c1 = 1.f - h.beta1, c2 = 1.f - h.beta2, eps = h.eps;
+  const float inv_bc1 = a.inv_bc1, inv_bc2_sqrt = a.inv_bc2_sqrt;
+  T* const w = a.w;
+  const T* const gr = a.g;
+  T* const mo = a.m;
+  T* const ve = a.v;
+  T* const ub = a.u;
+
+  // pass 1: moments, U (stored), b_U = B_U x_U, and z_W = B_Wᵀ y_W (or b_W = B_W x_W without a kept b_W)
+  std::vector<float> yw;
+  float cw = 1.f;
+  if (have_bw) {
+    yw.assign(bw_t.data_ptr<float>(), bw_t.data_ptr<float>() + bw_t.numel());
+    cw = to_unit_scaled(yw);
+  }
+  Product bu, w_prod;
+  bu.start(long_is_dot(m, n), xu, m, n);
+  if (have_bw) {
+    w_prod.start(short_is_dot(m, n), yw.data(), m, n);
+  } else {
+    w_prod.start(long_is_dot(m, n), xw, m, n);
+  }
+  for_rows(m, n, [&](int64_t r, int tid, float* ubuf, float* wbuf) {
+    const int64_t base = r * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float gj = ld(gr, base + j);
+      st(mo, base + j, b1 * ld(mo, base + j) + c1 * gj);
+      st(ve, base + j, b2 * ld(ve, base + j) + c2 * gj * gj);
+      const float mj = ld(mo, base + j), vj = ld(ve, base + j);  // U from the stored (rounded) moments
+      st(ub, base + j, (mj * inv_bc1) / (std::sqrt(vj) * inv_bc2_sqrt + eps));
+    }
+    bu.row(row_as_float(ub, base, n, ubuf), r, tid);
+    w_prod.row(row_as_float(w, base, n, wbuf), r, tid);
+  });
+  bu.finish();
+  w_prod.finish();
+
+  // pass 2: z_U = B_Uᵀ y_U (and, without a kept b_W, z_W = B_Wᵀ y_W)
+  const float cu = to_unit_scaled(bu.out);
+  Product zu, zw_late;
+  zu.start(short_is_dot(m, n), bu.out.data(), m, n);
+  if (!have_bw) {
+    cw = to_unit_scaled(w_prod.out);
+    zw_late.start(short_is_dot(m, n), w_prod.out.data(), m, n);
+  }
+  for_rows(m, n, [&](int64_t r, int tid, float* ubuf, float* wbuf) {
+    const int64_t base = r * n;
+    zu.row(row_as_float(ub, base, n, ubuf), r, tid);
+    if (!have_bw) zw_late.row(row_as_float(w, base, n, wbuf), r, tid);
+  });
+  zu.finish();
+  zw_late.finish();
+  float su = finish_sigma(zu.out, cu, xu);
+  float sw = finish_sigma(have_bw ? w_prod.out : zw_late.out, cw, xw);
+
+  for (int64_t it = 1; it < iters; ++it) {  // cold start / power_iters > 1
+    su = power_step_on(a.u, m, n, xu);
+    sw = power_step_on(a.w, m, n, xw);
+  }
+
+  const float limit = h.tau * sw, proposed = h.lr * su;
+  const float ratio = (sw > 0.f && proposed > limit) ? limit / std::max(proposed, 1.17549435e-38f) : 1.f;
+  const float eff_lr = h.lr * ratio;
+  const float decay = 1.f - eff_lr * h.weight_decay;
+
+  // pass 3: the update, and b_W = B_W x_W of the new weights for the next step
+  Product next_bw;
+  next_bw.start(long_is_dot(m, n), xw, m, n);
+  for_rows(m, n, [&](int64_t r, int tid, float* wbuf, float*) {
+    const int64_t base = r * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) st(w, base + j, ld(w, base + j) * decay - eff_lr * ld(ub, base + j));
+    next_bw.row(row_as_float(w, base, n, wbuf), r, tid);
+  });
+  next_bw.finish();
+  bw_t.resize_({static_cast<int64_t>(next_bw.out.size())});
+  std::copy(next_bw.out.begin(), next_bw.out.end(), bw_t.data_ptr<float>());
+
+  out[0] = ratio;
+  out[1] = sw;
+  out[2] = su;
+}
+
+}  // namespace
+
+// Steps every matrix of the lists (contiguous, of one dtype: fp32 or bf16); `products` holds each
+// matrix's kept b_W (fp32; empty when there is none) and receives the next one. Returns a (3, N) fp32
+// tensor: lr ratio, σ_W, σ_U per matrix.
+at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
+                     std::vector<at::Tensor> exp_avg_sqs, at::Tensor work, std::vector<at::Tensor> weight_vectors,
+                     std::vector<at::Tensor> update_vectors, std::vector<at::Tensor> products, std::vector<int64_t> rows,
+                     std::vector<double> bias1, std::vector<double> bias2, double lr, double beta1, double beta2,
+                     double eps, double weight_decay, double tau, int64_t iters) {
+  const int64_t count = static_cast<int64_t>(params.size());
+  at::Tensor stats = at::zeros({count, 3}, at::kFloat);
+  const Hyper h{float(beta1), float(beta2), float(eps), float(lr), float(weight_decay), float(tau)};
+  for (int64_t i = 0; i < count; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.is_contiguous() && grads[i].is_contiguous() && exp_avgs[i].is_contiguous() &&
+                    exp_avg_sqs[i].is_contiguous() && work.is_contiguous(),
+                "hf_weyl cpu kernel: tensors must be contiguous");
+    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type() && exp_avgs[i].scalar_type() == p.scalar_type() &&
+                    exp_avg_sqs[i].scalar_type() == p.scalar_type() && work.scalar_type() == p.scalar_type(),
+                "hf_weyl cpu kernel: one dtype per call");
+    TORCH_CHECK(work.numel() >= p.numel(), "hf_weyl cpu kernel: work buffer too small");
+    TORCH_CHECK(weight_vectors[i].scalar_type() == at::kFloat && update_vectors[i].scalar_type() == at::kFloat &&
+                    products[i].scalar_type() == at::kFloat,
+                "hf_weyl cpu kernel: power-iteration vectors must be fp32");
+    float* out = stats.data_ptr<float>() + 3 * i;
+    const auto dtype = p.scalar_type();
+    if (dtype == at::kFloat) {
+      step_matrix<float>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], work, weight_vectors[i], update_vectors[i],
+                         products[i], rows[i], bias1[i], bias2[i], h, iters, out);
+    } else if (dtype == at::kBFloat16) {
+      step_matrix<at::BFloat16>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], work, weight_vectors[i],
+                                update_vectors[i], products[i], rows[i], bias1[i], bias2[i], h, iters, out);
+    } else {
+      TORCH_CHECK(false, "hf_weyl cpu kernel: unsupported dtype ", dtype);
+    }
+  }
+  return stats.t().contiguous();
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("weyl_step", &weyl_step, "AdamW² step for a list of CPU matrices in three fused passes");
+}
