@@ -1,13 +1,21 @@
-"""Optimizer step time and memory: AdamWeyl vs torch.optim.AdamW(foreach=True), side by side.
+"""Optimizer step time, memory and dispatched ops: AdamWeyl vs torch.optim.AdamW (fused and foreach), side by side.
 
-Parameters have the shapes of GPT-2 small (124M). Steps of the two optimizers are interleaved in one
-process, so machine noise hits both alike; the ratio of medians is the figure. Peak memory is
-measured in a fresh subprocess per optimizer (CPU: peak RSS growth over the state-free baseline;
-CUDA: ``max_memory_allocated``).
+The Trainer's default optimizer is ``AdamW(fused=True)`` (``adamw_torch_fused``): that is the headline
+reference. Parameters have GPT-2's layout (tied LM head, 12 blocks) in three regimes:
 
-    python benchmarks/optimizer_step.py                     # CPU, GPT-2 small shapes
-    python benchmarks/optimizer_step.py --device cuda --dtype bf16
-    python benchmarks/optimizer_step.py --cpu_chunk_mib 0   # CPU without cache-sized chunks
+* ``gpt2_small``: width 768 (124M parameters, 148 tensors): memory-bound;
+* ``width256``: width 256 (22M): in between;
+* ``width64``: width 64 (3.3M, dominated by the 50257×64 embedding; the blocks' tensors are tiny): per-op overhead.
+
+Steps of all optimizers are interleaved in one process, so machine noise hits them alike; the ratio of
+medians is the figure. Peak memory is measured in a fresh subprocess per optimizer (CPU: peak RSS
+growth over the state-free baseline; CUDA: ``max_memory_allocated``). ``--count_ops`` counts the aten
+ops one step dispatches (on the meta device for the eager step, which is the accelerator path).
+
+    python benchmarks/optimizer_step.py                                   # CPU, all regimes, fp32 and bf16
+    python benchmarks/optimizer_step.py --regimes gpt2_small --dtypes fp32 --memory
+    python benchmarks/optimizer_step.py --device cuda --dtypes bf16 fp32  # on a GPU machine
+    python benchmarks/optimizer_step.py --count_ops
 """
 
 from __future__ import annotations
@@ -19,36 +27,55 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import torch
 
 from hf_weyl import AdamWeyl
 from hf_weyl.core import functional
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+REGIMES = {"gpt2_small": 768, "width256": 256, "width64": 64}
+OPTIMIZERS = ("adamw_fused", "adamw_foreach", "adamweyl", "adamweyl_eager")
 
 
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    """Parameter shapes of GPT-2 small (tied LM head), as ``GPT2LMHeadModel(GPT2Config())`` has them."""
-    d, layers, vocab, ctx = 768, 12, 50257, 1024
+def gpt2_shapes(d: int, layers: int = 12, vocab: int = 50257, ctx: int = 1024) -> list[tuple[int, ...]]:
+    """Parameter shapes of GPT-2 at width ``d`` (tied LM head), in ``GPT2LMHeadModel``'s order."""
     block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
     return [(vocab, d), (ctx, d)] + block * layers + [(d,), (d,)]
 
 
-def make_params(device: str, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+def make_params(shapes, device: str, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     params = []
-    for shape in gpt2_small_shapes():
+    for shape in shapes:
         p = (torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=dtype).requires_grad_()
         p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
         params.append(p)
     return params
 
 
-def build(name: str, params: list[torch.Tensor], power_iters: int) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
-    return AdamWeyl(params, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, tau=0.01, power_iters=power_iters)
+def build(name: str, params: list[torch.Tensor], power_iters: int = 1) -> torch.optim.Optimizer:
+    common = dict(lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    if name == "adamw_fused":
+        return torch.optim.AdamW(params, fused=True, **common)
+    if name == "adamw_foreach":
+        return torch.optim.AdamW(params, foreach=True, **common)
+    return AdamWeyl(params, tau=0.01, power_iters=power_iters, **common)
+
+
+class _Eager:
+    """Steps an AdamWeyl with the fused CPU step switched off (the eager step, as on accelerators)."""
+
+    def __init__(self, opt: AdamWeyl) -> None:
+        self.opt = opt
+
+    def step(self) -> None:
+        kernel, functional.cpu_kernel = functional.cpu_kernel, lambda: None
+        try:
+            self.opt.step()
+        finally:
+            functional.cpu_kernel = kernel
 
 
 def sync(device: str) -> None:
@@ -56,26 +83,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(args: argparse.Namespace) -> dict:
-    dtype = DTYPES[args.dtype]
-    opts = {name: build(name, make_params(args.device, dtype), args.power_iters) for name in ("adamw", "adamweyl")}
+def time_steps(shapes, device: str, dtype: torch.dtype, steps: int, warmup: int, names) -> dict[str, float]:
+    opts = {}
+    for name in names:
+        opt = build(name, make_params(shapes, device, dtype))
+        opts[name] = _Eager(opt) if name == "adamweyl_eager" else opt
     times: dict[str, list[float]] = {name: [] for name in opts}
-    for i in range(args.warmup + args.steps):
-        for name, opt in opts.items():  # interleaved: noise hits both
-            sync(args.device)
+    for i in range(warmup + steps):
+        for name, opt in opts.items():  # interleaved: noise hits all alike
+            sync(device)
             t0 = time.perf_counter()
             opt.step()
-            sync(args.device)
-            if i >= args.warmup:
+            sync(device)
+            if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    return {"median_s": med, "ratio": med["adamweyl"] / med["adamw"]}
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def peak_memory_child(name: str, device: str, dtype: str, power_iters: int) -> None:
-    """(subprocess) print peak memory growth of `steps` optimizer steps over params+grads."""
-    params = make_params(device, DTYPES[dtype])
-    opt = build(name, params, power_iters)
+def peak_memory_child(name: str, regime: str, device: str, dtype: str) -> None:
+    """(subprocess) print peak memory growth of 3 optimizer steps over params+grads, and the state size."""
+    params = make_params(gpt2_shapes(REGIMES[regime]), device, DTYPES[dtype])
+    opt = build(name, params)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -93,46 +121,81 @@ def peak_memory_child(name: str, device: str, dtype: str, power_iters: int) -> N
     print(json.dumps({"peak_bytes": peak, "state_bytes": state}))
 
 
-def peak_memory(name: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--_child", name, "--device", args.device, "--dtype", args.dtype,
-           "--power_iters", str(args.power_iters), "--cpu_chunk_mib", str(args.cpu_chunk_mib)]
+def peak_memory(name: str, regime: str, device: str, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--_child", name, "--regimes", regime, "--device", device, "--dtypes", dtype]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def count_ops(shapes, device: str, name: str) -> Counter:
+    """aten ops dispatched by one warm step (TorchDispatchMode sees every op below autograd)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    opt = build(name.replace("_eager", ""), make_params(shapes, device, torch.float32))
+    opt = _Eager(opt) if name.endswith("_eager") else opt
+    opt.step()  # cold start
+    with Count() as mode:
+        opt.step()
+    return mode.ops
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), default=list(REGIMES))
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--power_iters", type=int, default=1)
-    parser.add_argument("--cpu_chunk_mib", type=float, default=functional.CPU_CHUNK_BYTES / 2**20,
-                        help="hf_weyl.core.functional.CPU_CHUNK_BYTES in MiB; 0 = one chunk (no cache blocking)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (a subprocess per optimizer)")
+    parser.add_argument("--count_ops", action="store_true", help="count dispatched aten ops per step instead of timing")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.cpu_chunk_mib < 0:
-        parser.error(f"--cpu_chunk_mib must be >= 0, got {args.cpu_chunk_mib}")
-    functional.CPU_CHUNK_BYTES = int(args.cpu_chunk_mib * 2**20) if args.cpu_chunk_mib > 0 else sys.maxsize
     if args._child:
-        peak_memory_child(args._child, args.device, args.dtype, args.power_iters)
+        peak_memory_child(args._child, args.regimes[0], args.device, args.dtypes[0])
         return
 
-    n = sum(torch.Size(s).numel() for s in gpt2_small_shapes())
-    print(f"GPT-2 small shapes: {len(gpt2_small_shapes())} tensors, {n / 1e6:.1f}M params, {args.dtype}, {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, power_iters={args.power_iters}, "
-          f"cpu_chunk_mib={args.cpu_chunk_mib:g}")
-    # Memory first: a child inherits this process's RSS high-water mark across exec.
-    mem = {name: peak_memory(name, args) for name in ("adamw", "adamweyl")}
-    for name, m in mem.items():
-        print(f"{name:9s} optimizer state {m['state_bytes'] / 2**20:8.1f} MiB, peak growth during steps "
-              f"{m['peak_bytes'] / 2**20:8.1f} MiB")
-    extra = mem["adamweyl"]["state_bytes"] - mem["adamw"]["state_bytes"]
-    print(f"extra state of AdamWeyl: {extra / 2**10:.1f} KiB (power-iteration vectors); "
-          f"peak ratio {mem['adamweyl']['peak_bytes'] / max(mem['adamw']['peak_bytes'], 1):.3f}")
-    timing = time_steps(args)
-    print(f"step time (median of {args.steps}): AdamW foreach {timing['median_s']['adamw'] * 1e3:.1f} ms, "
-          f"AdamWeyl {timing['median_s']['adamweyl'] * 1e3:.1f} ms, ratio {timing['ratio']:.3f}")
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; medians of {args.steps} "
+          f"alternated steps after {args.warmup} warm-up steps; AdamWeyl defaults (tau 0.01, power_iters 1)")
+    if args.count_ops:
+        shapes = gpt2_shapes(REGIMES[args.regimes[0]])
+        print(f"\ndispatched aten ops per warm step, {args.regimes[0]} ({len(shapes)} tensors)")
+        print("| optimizer | ops | most frequent |\n|---|---|---|")
+        runs = [("adamw_fused", "cpu"), ("adamw_foreach", "cpu"), ("adamweyl", "cpu"), ("adamweyl_eager", "meta")]
+        for name, device in runs:
+            ops = count_ops(shapes, device, name)
+            top = ", ".join(f"{op} {n}" for op, n in ops.most_common(4))
+            print(f"| {name} ({device}) | {sum(ops.values())} | {top} |")
+        return
+
+    names = OPTIMIZERS if args.device == "cpu" else ("adamw_fused", "adamw_foreach", "adamweyl")
+    print("\n| regime | dtype | params | AdamW fused | AdamW foreach | AdamWeyl | AdamWeyl / fused | AdamWeyl / foreach |"
+          + (" AdamWeyl eager / fused |" if "adamweyl_eager" in names else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if "adamweyl_eager" in names else ""))
+    for regime in args.regimes:
+        shapes = gpt2_shapes(REGIMES[regime])
+        n = sum(torch.Size(s).numel() for s in shapes)
+        for dtype in args.dtypes:
+            med = time_steps(shapes, args.device, DTYPES[dtype], args.steps, args.warmup, names)
+            f, fe, w = med["adamw_fused"], med["adamw_foreach"], med["adamweyl"]
+            row = (f"| {regime} | {dtype} | {n / 1e6:.1f}M | {f * 1e3:.1f} ms | {fe * 1e3:.1f} ms | {w * 1e3:.1f} ms "
+                   f"| **{w / f:.2f}** | {w / fe:.2f} |")
+            if "adamweyl_eager" in med:
+                row += f" {med['adamweyl_eager'] / f:.2f} |"
+            print(row, flush=True)
+            if args.memory:
+                mem = {name: peak_memory(name, regime, args.device, dtype) for name in ("adamw_fused", "adamweyl")}
+                print(f"|   memory | | | peak +{mem['adamw_fused']['peak_bytes'] / 2**20:.0f} MiB, state "
+                      f"{mem['adamw_fused']['state_bytes'] / 2**20:.0f} MiB | | peak +{mem['adamweyl']['peak_bytes'] / 2**20:.0f} MiB, "
+                      f"state {mem['adamweyl']['state_bytes'] / 2**20:.0f} MiB | | | |", flush=True)
 
 
 if __name__ == "__main__":

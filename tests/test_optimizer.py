@@ -494,3 +494,33 @@ def test_accelerator_step_makes_no_host_sync(lr):
     assert opt.last_stats.lr_ratio.device.type == "meta" and len(opt.last_stats.params) == len(list(model.parameters()))
     with pytest.raises(RuntimeError, match="meta"):  # what a host read of a device tensor does here
         float(opt.last_stats.lr_ratio[0])
+
+
+def test_fused_step_notices_weights_changed_between_steps(monkeypatch):
+    """The fused step keeps b_W = B_W x_W of the weights it wrote for the next step, with fingerprints of W and
+    x_W: weights loaded or edited in between (a checkpoint loaded into a model whose optimizer already stepped,
+    as DCP's set_state_dict does), or vectors reset, must give the eager step's σ's, not stale ones."""
+    if cpu_kernel() is None:
+        pytest.fail("the fused CPU step could not be built on this machine (see the warning)")
+    batches = token_batches(6)
+    m1 = make_tiny_gpt2()
+    m2 = copy.deepcopy(m1)
+    o1 = AdamWeyl(m1.parameters(), lr=2e-2, tau=0.01)
+    o2 = AdamWeyl(m2.parameters(), lr=2e-2, tau=0.01)
+    real = functional.cpu_kernel
+    other = make_tiny_gpt2(seed=7).state_dict()
+    for i, batch in enumerate(batches):
+        if i == 2:
+            m1.load_state_dict(other)
+            m2.load_state_dict(other)
+        if i == 4:  # vectors reset (what a universal-checkpoint load does): both restart cold
+            for state in (*o1.state.values(), *o2.state.values()):
+                state.pop("weight_vector", None)
+                state.pop("update_vector", None)
+        for m, o, kernel in ((m1, o1, real), (m2, o2, lambda: None)):
+            monkeypatch.setattr(functional, "cpu_kernel", kernel)
+            o.zero_grad()
+            lm_loss(m, batch).backward()
+            o.step()
+        torch.testing.assert_close(o1.last_stats.sigma_weight, o2.last_stats.sigma_weight, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(o1.last_stats.lr_ratio, o2.last_stats.lr_ratio, rtol=1e-5, atol=1e-7)

@@ -41,11 +41,12 @@ DEFAULT_COLD_START_ITERS = 4
 SIGMA_MODES = ("vector_reduce", "gather")
 
 #: Optimizer-state keys of the power-iteration vectors (fp32, kept between steps), and of the product
-#: b_W = B_W x_W of the weights after the last update that the fused CPU step keeps for the next one.
+#: b_W = B_W x_W of the weights after the last update that the fused CPU step keeps for the next one
+#: (fp64, followed by fingerprints of those weights and of the weight vector; used only while both are unchanged).
 WEIGHT_VECTOR = "weight_vector"
 UPDATE_VECTOR = "update_vector"
 WEIGHT_PRODUCT = "weight_product"
-FP32_STATE = (WEIGHT_VECTOR, UPDATE_VECTOR, WEIGHT_PRODUCT)
+KEEP_DTYPE_STATE = (WEIGHT_VECTOR, UPDATE_VECTOR, WEIGHT_PRODUCT)
 
 #: Param-group key: the group's position when it was added (DeepSpeed ZeRO narrows ``param_groups``
 #: to one group per call; this finds the parameters the group was built with).
@@ -196,8 +197,8 @@ def _host_or_device_lr(lr: float | Tensor) -> float | Tensor:
     return float(lr)
 
 
-class _Fp32Vector:
-    """A power-iteration vector passing through ``Optimizer.load_state_dict`` untouched (torch casts every
+class _KeepDtype:
+    """A state tensor passing through ``Optimizer.load_state_dict`` in its own dtype (torch casts every
     floating state tensor to its parameter's dtype, which would round the fp32 vectors of bf16 parameters)."""
 
     def __init__(self, tensor: Tensor) -> None:
@@ -294,8 +295,8 @@ class AdamWeyl(Optimizer):
         super().__setstate__(state)
         for p, s in self.state.items():
             for key, value in s.items():
-                if isinstance(value, _Fp32Vector):
-                    s[key] = value.tensor.to(device=p.device, dtype=torch.float32, copy=True)
+                if isinstance(value, _KeepDtype):
+                    s[key] = value.tensor.to(device=p.device, copy=True)
             if "step" in s and not torch.is_tensor(s["step"]):
                 s["step"] = torch.tensor(float(s["step"]), dtype=torch.float32)
         for i, g in enumerate(self.param_groups):
@@ -310,10 +311,10 @@ class AdamWeyl(Optimizer):
         self.__dict__.setdefault("last_stats", None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``Optimizer.load_state_dict``; the power-iteration vectors stay fp32 (bit-identical resume)."""
+        """As ``Optimizer.load_state_dict``; the power-iteration vectors keep their dtype (bit-identical resume)."""
         state_dict = dict(state_dict)
         state_dict["state"] = {
-            pid: {k: _Fp32Vector(v) if k in FP32_STATE and torch.is_tensor(v) else v for k, v in s.items()}
+            pid: {k: _KeepDtype(v) if k in KEEP_DTYPE_STATE and torch.is_tensor(v) else v for k, v in s.items()}
             for pid, s in state_dict["state"].items()
         }
         super().load_state_dict(state_dict)
@@ -346,7 +347,7 @@ class AdamWeyl(Optimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if capped and whole and p.device.type == "cpu" and WEIGHT_PRODUCT not in state:
-            state[WEIGHT_PRODUCT] = torch.zeros(0)  # none yet: the first fused step computes it
+            state[WEIGHT_PRODUCT] = torch.zeros(0, dtype=torch.float64)  # none yet: the first fused step computes it
         if capped and WEIGHT_VECTOR not in state:
             k = vector_length(p.shape)
             state[WEIGHT_VECTOR] = initial_vector(k, p.device)

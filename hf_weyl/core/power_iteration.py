@@ -15,32 +15,30 @@ are stored in fp32. Norms are taken scale-safely (divided by the largest magnitu
 estimate stays a lower bound at any finite scale of the matrix. A zero, tiny or non-finite matrix
 never turns a stored vector into NaN: x is only replaced where the new σ is finite and positive.
 
-Matrices of one shape are processed together: small ones (≤ ``BATCHED_MAX_NUMEL`` elements) are
-stacked and multiplied with one ``bmm``; large ones go through one ``mv`` each, which on every
-backend is already a full-size kernel (stacking them would only add a copy of the weights).
+The matrices of one call are processed together: one matrix-vector product per matrix and half-step
+(on every backend already a full-size kernel), and everything else — norms, scaling, the choice of
+which vectors to keep — over the concatenated vectors at once, so a step dispatches a fixed number of
+small ops whatever the number of matrices (what an accelerator's launch overhead needs).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "BATCHED_MAX_NUMEL",
+    "Segments",
     "as_matrix",
     "finite_sigma",
     "initial_vector",
     "power_iteration_",
-    "power_step",
+    "power_steps_",
     "subnormal_guard",
-    "unit_rows",
+    "unit_segments",
     "vector_length",
 ]
-
-#: Matrices with at most this many elements are stacked per shape and multiplied in one ``bmm``.
-BATCHED_MAX_NUMEL = 1 << 16
 
 
 
@@ -78,31 +76,6 @@ def _short_side(a: Tensor) -> Tensor:
     return a if a.shape[1] <= a.shape[0] else a.t()
 
 
-def unit_rows(v: Tensor) -> tuple[Tensor, Tensor]:
-    """(v / ‖v‖, ‖v‖) along the last dim, scale-safe: computed as w = v / max|v|, then w / ‖w‖ and
-    ‖v‖ = max|v| · ‖w‖, so no square under- or overflows at any finite magnitude. A zero row gives
-    (0, 0); a row with inf/NaN gives NaN (callers treat a non-finite norm as "no estimate")."""
-    scale = v.abs().amax(dim=-1, keepdim=True)
-    w = v / torch.where(scale > 0, scale, torch.ones_like(scale))
-    norm = w.norm(dim=-1, keepdim=True)  # >= 1 unless the row is zero
-    return w / norm.clamp_min(1), (norm * scale).squeeze(-1)
-
-
-def _compute_dtype(a: Tensor) -> torch.dtype:
-    return torch.promote_types(a.dtype, torch.float32)
-
-
-def power_step(b: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One power step on (batched) B from unit x: y = Bx/‖Bx‖, z = Bᵀy, σ = ‖z‖ (≤ σ1(B)).
-
-    Returns (σ, z/σ, ok) with ok = σ finite and > 0; where not ok the caller keeps x."""
-    y, bx_norm = unit_rows(torch.matmul(b, x.unsqueeze(-1)).squeeze(-1))
-    c = subnormal_guard(bx_norm)
-    x_new, z_norm = unit_rows(torch.matmul(b.transpose(-2, -1), (y * c.unsqueeze(-1)).unsqueeze(-1)).squeeze(-1))
-    sigma = z_norm / c
-    return sigma, x_new, (sigma > 0) & torch.isfinite(sigma)
-
-
 def subnormal_guard(scale: Tensor) -> Tensor:
     """A power of two c with which a product whose result has magnitude ``scale`` is computed as
     B(c·y)/c: 1 normally, 2^min(-⌊log2 scale⌋, 126) when scale < 2^-60, so that no partial product is
@@ -112,13 +85,58 @@ def subnormal_guard(scale: Tensor) -> Tensor:
     return torch.exp2((-exponent).clamp_max(126))  # 2^126 still fits fp32 (and bf16/fp16 never get here)
 
 
-def _iterate(b: Tensor, x: Tensor, iters: int) -> tuple[Tensor, Tensor]:
-    """``iters`` power steps on (batched) B with start x; returns (σ, new x) without touching x."""
-    x = x.to(b.dtype)
+def unit_segments(v: Tensor, lengths: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """(v_s / ‖v_s‖, ‖v_s‖) for the consecutive segments v_s of a flat vector (``lengths``, a tensor on v's
+    device, summing to ``total``), scale-safe: ‖v_s‖ = max|v_s| · ‖v_s / max|v_s|‖, so no square under- or
+    overflows at any finite magnitude. A zero segment gives (0, 0); one with inf/NaN a NaN norm (callers
+    treat a non-finite norm as "no estimate"). A fixed number of ops whatever the number of segments,
+    and no host sync."""
+    scale = torch.segment_reduce(v.abs(), "max", lengths=lengths, unsafe=True)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    w = v / torch.repeat_interleave(safe, lengths, output_size=total)
+    norm = torch.segment_reduce(w * w, "sum", lengths=lengths, unsafe=True).sqrt()
+    return w / torch.repeat_interleave(norm.clamp_min(1), lengths, output_size=total), norm * scale
+
+
+class Segments:
+    """Lengths of consecutive segments of a flat vector, as a list and as a tensor on ``device``."""
+
+    def __init__(self, lengths: list[int], device: torch.device | str | None) -> None:
+        self.sizes = lengths
+        self.total = sum(lengths)
+        self.tensor = torch.tensor(lengths, dtype=torch.int64, device=device)
+
+    def expand(self, per_segment: Tensor) -> Tensor:
+        """One value per segment, repeated over the segment's elements."""
+        return torch.repeat_interleave(per_segment, self.tensor, output_size=self.total)
+
+    def unit(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        return unit_segments(v, self.tensor, self.total)
+
+
+def power_steps_(
+    long_products: Callable[[list[Tensor]], Tensor],
+    short_products: Callable[[list[Tensor]], Tensor],
+    x: Tensor,
+    short: Segments,
+    long: Segments,
+    iters: int,
+) -> tuple[Tensor, Tensor]:
+    """``iters`` power steps for many matrices at once, their vectors concatenated.
+
+    ``x`` holds the unit start vectors (segments ``short``); ``long_products(xs)`` returns the concatenated
+    B_i x_i (segments ``long``) and ``short_products(ys)`` the concatenated B_iᵀ y_i. Per step:
+    y = Bx/‖Bx‖, z = Bᵀ(c y), σ = ‖z‖/c, x ← z/‖z‖ where σ is finite and > 0 (c: :func:`subnormal_guard`).
+    Returns (σ as fp32 with non-finite values reported 0, the new x)."""
+    sigma = None
     for _ in range(iters):
-        sigma, x_new, ok = power_step(b, x)
-        x = torch.where(ok.unsqueeze(-1), x_new, x)
-    return finite_sigma(sigma), x.float()
+        y, b_norm = long.unit(long_products(list(x.split(short.sizes))))
+        c = subnormal_guard(b_norm)
+        z_unit, z_norm = short.unit(short_products(list((y * long.expand(c)).split(long.sizes))))
+        sigma = z_norm / c
+        ok = (sigma > 0) & torch.isfinite(sigma)
+        x = torch.where(short.expand(ok), z_unit, x)
+    return finite_sigma(sigma), x
 
 
 def finite_sigma(sigma: Tensor) -> Tensor:
@@ -131,33 +149,27 @@ def finite_sigma(sigma: Tensor) -> Tensor:
 def power_iteration_(matrices: list[Tensor], vectors: list[Tensor], iters: int) -> Tensor:
     """Estimate σ1 of each 2-D matrix; updates each fp32 vector in place (warm start).
 
-    ``vectors[i]`` must be a unit fp32 vector of length ``min(matrices[i].shape)`` on the matrix's
-    device. Returns the σ1 estimates as one fp32 tensor of ``len(matrices)`` on that device.
-    A non-finite matrix gives σ = 0 (treated as "no scale", i.e. not capped) and keeps its vector.
+    ``vectors[i]`` must be a unit fp32 vector of length ``min(matrices[i].shape)`` on the matrices' device.
+    Returns the σ1 estimates as one fp32 tensor of ``len(matrices)`` on that device. A non-finite matrix
+    gives σ = 0 (treated as "no scale", i.e. not capped) and keeps its vector. One matrix-vector product
+    per matrix and half-step; everything else is batched over all matrices.
     """
     if iters < 1:
         raise ValueError(f"power iteration needs iters >= 1, got {iters}")
     if not matrices:
         return torch.empty(0)
-    sigmas: list[Tensor | None] = [None] * len(matrices)
-    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, a in enumerate(matrices):
-        by_shape[tuple(a.shape)].append(i)
-
-    for (m, n), idx in by_shape.items():
-        if m * n <= BATCHED_MAX_NUMEL and len(idx) > 1:
-            stack = torch.stack([matrices[i] for i in idx])
-            stack = stack.to(_compute_dtype(stack))
-            b = stack if n <= m else stack.transpose(1, 2)
-            x0 = torch.stack([vectors[i] for i in idx])
-            sigma, x = _iterate(b, x0, iters)
-            torch._foreach_copy_([vectors[i] for i in idx], list(x.unbind(0)))
-            for j, i in enumerate(idx):
-                sigmas[i] = sigma[j]
-        else:
-            for i in idx:
-                b = _short_side(matrices[i].to(_compute_dtype(matrices[i])))
-                sigma, x = _iterate(b, vectors[i], iters)
-                vectors[i].copy_(x)
-                sigmas[i] = sigma
-    return torch.stack(sigmas)  # type: ignore[arg-type]
+    dtype = torch.promote_types(max((m.dtype for m in matrices), key=lambda d: torch.finfo(d).bits), torch.float32)
+    bs = [_short_side(m.to(dtype)) for m in matrices]  # (fp32 copies of bf16/fp16 matrices, once)
+    device = bs[0].device
+    short = Segments([b.shape[1] for b in bs], device)
+    long = Segments([b.shape[0] for b in bs], device)
+    sigma, x = power_steps_(
+        lambda xs: torch.cat([b @ xi for b, xi in zip(bs, xs)]),
+        lambda ys: torch.cat([b.t() @ yi for b, yi in zip(bs, ys)]),
+        torch.cat(vectors).to(dtype),
+        short,
+        long,
+        iters,
+    )
+    torch._foreach_copy_(vectors, list(x.float().split(short.sizes)))
+    return sigma

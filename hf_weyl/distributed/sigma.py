@@ -12,7 +12,7 @@ engine adapters (``hf_weyl.integrations``) only translate their layout into :cla
   1 all-gather of the local pieces (≈ 2N/world floats per rank) plus a tiny one of their addresses.
 
 Both give the single-process σ's (``gather`` bit for bit, ``vector_reduce`` up to summation order),
-with the same scale-safe normalisation (``hf_weyl.core.power_iteration.unit_rows``). Every rank makes
+with the same scale-safe power steps (``hf_weyl.core.power_iteration.power_steps_``). Every rank makes
 the same collectives in the same order (a rank without a piece contributes zeros), and the only
 decisions (keep a vector where σ is not finite and positive) come from reduced values.
 """
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..core.power_iteration import finite_sigma, power_iteration_, subnormal_guard, unit_rows
+from ..core.power_iteration import Segments, power_iteration_, power_steps_
 
 __all__ = ["COMM_STATS", "SIGMA_MODES", "Pieces", "comm_bytes_per_step", "matrix_dims", "sharded_sigmas"]
 
@@ -125,28 +125,38 @@ def _split_piece(piece: Tensor, start: int, n: int):
 
 def _matvec(split, m: int, v: Tensor) -> Tensor:
     """Partial A·v (length m) from this rank's piece of A."""
-    (r0, c0, head), (r1, mid), (r2, tail) = split
     out = torch.zeros(m, dtype=v.dtype, device=v.device)
+    _add_matvec(out, split, v)
+    return out
+
+
+def _rmatvec(split, n: int, w: Tensor) -> Tensor:
+    """Partial Aᵀ·w (length n) from this rank's piece of A."""
+    out = torch.zeros(n, dtype=w.dtype, device=w.device)
+    _add_rmatvec(out, split, w)
+    return out
+
+
+def _add_matvec(out: Tensor, split, v: Tensor) -> None:
+    """out (length m) += this rank's part of A·v."""
+    (r0, c0, head), (r1, mid), (r2, tail) = split
     if head.numel():
         out[r0] += torch.dot(head, v[c0 : c0 + head.numel()])
     if mid.shape[0]:
         out[r1 : r1 + mid.shape[0]] += mid @ v
     if tail.numel():
         out[r2] += torch.dot(tail, v[: tail.numel()])
-    return out
 
 
-def _rmatvec(split, n: int, w: Tensor) -> Tensor:
-    """Partial Aᵀ·w (length n) from this rank's piece of A."""
+def _add_rmatvec(out: Tensor, split, w: Tensor) -> None:
+    """out (length n) += this rank's part of Aᵀ·w."""
     (r0, c0, head), (r1, mid), (r2, tail) = split
-    out = torch.zeros(n, dtype=w.dtype, device=w.device)
     if head.numel():
         out[c0 : c0 + head.numel()] += head * w[r0]
     if mid.shape[0]:
         out += mid.t() @ w[r1 : r1 + mid.shape[0]]
     if tail.numel():
         out[: tail.numel()] += tail * w[r2]
-    return out
 
 
 def _all_reduce(t: Tensor, group: Any) -> None:
@@ -155,29 +165,32 @@ def _all_reduce(t: Tensor, group: Any) -> None:
 
 
 def _sigma_vector_reduce(pieces: list[Tensor], where: Pieces, vectors: list[Tensor], iters: int) -> Tensor:
-    """σ1 of each distributed matrix by power iteration; only the m-/n-vectors are all-reduced (batched).
-
-    Mirrors :func:`hf_weyl.core.power_iteration.power_step` (short side, warm start, scale-safe, never NaN)."""
+    """σ1 of each distributed matrix by power iteration (:func:`hf_weyl.core.power_iteration.power_steps_`):
+    each rank multiplies its pieces into the concatenated vectors, which one all-reduce per half-step sums."""
+    device = vectors[0].device
     pieces = [p.float() for p in pieces]  # fp32 math (a no-op for fp32 pieces)
     splits = [_split_piece(p, s, n) for p, s, (m, n) in zip(pieces, where.starts, where.dims)]
     tall = [n <= m for m, n in where.dims]  # B = A (x ∈ R^n) if tall else Aᵀ (x ∈ R^m)
-    sigmas = torch.zeros(len(pieces), dtype=torch.float32, device=vectors[0].device if vectors else None)
-    for _ in range(iters):
-        bx = [_matvec(sp, m, x) if t else _rmatvec(sp, n, x) for sp, (m, n), t, x in zip(splits, where.dims, tall, vectors)]
-        buf = torch.cat(bx)
-        _all_reduce(buf, where.group)
-        unit = [unit_rows(v) for v in buf.split([b.numel() for b in bx])]
-        c = subnormal_guard(torch.stack([norm for _, norm in unit])) if unit else sigmas
-        ys = [y * ci for (y, _), ci in zip(unit, c)]
-        bty = [_rmatvec(sp, n, y) if t else _matvec(sp, m, y) for sp, (m, n), t, y in zip(splits, where.dims, tall, ys)]
-        buf = torch.cat(bty)
-        _all_reduce(buf, where.group)
-        zs = [unit_rows(z) for z in buf.split([b.numel() for b in bty])]
-        sigmas = torch.stack([norm for _, norm in zs]) / c if zs else sigmas
-        ok = (sigmas > 0) & torch.isfinite(sigmas)
-        for x, (z, _), good in zip(vectors, zs, ok):
-            x.copy_(torch.where(good, z, x))
-    return finite_sigma(sigmas)
+    short = Segments([n if t else m for (m, n), t in zip(where.dims, tall)], device)
+    long = Segments([m if t else n for (m, n), t in zip(where.dims, tall)], device)
+
+    def products(vecs: list[Tensor], segments: Segments, a_times: list[bool]) -> Tensor:
+        out = torch.zeros(segments.total, dtype=torch.float32, device=device)
+        for seg, split, vec, plain in zip(out.split(segments.sizes), splits, vecs, a_times):
+            (_add_matvec if plain else _add_rmatvec)(seg, split, vec)
+        _all_reduce(out, where.group)
+        return out
+
+    sigma, x = power_steps_(
+        lambda xs: products(xs, long, tall),  # B x: A x for tall matrices, Aᵀ x for wide ones
+        lambda ys: products(ys, short, [not t for t in tall]),  # Bᵀ y
+        torch.cat(vectors),
+        short,
+        long,
+        iters,
+    )
+    torch._foreach_copy_(vectors, list(x.split(short.sizes)))
+    return sigma
 
 
 def _all_gather(t: Tensor, group: Any) -> list[Tensor]:

@@ -14,9 +14,11 @@
 //
 // (c: a power of two keeping the products out of the subnormal range; 1 normally. ‖·‖ is scale-safe.)
 // b_W is exactly the first half of the next step's power iteration on the weights, which do not change
-// in between: computing it while the update writes A saves a pass. Without a kept b_W (first step, a
-// state loaded from elsewhere) pass 1 computes b_W and pass 2 the product with its normalisation, as the
-// eager step does; further power iterations (cold start, power_iters > 1) repeat both half-steps.
+// in between: computing it while the update writes A saves a pass. It is kept with fingerprints of the
+// weights and of x_W it was computed from (Σ, Σ|·| in fp64), which pass 1 checks; without a kept b_W, or
+// when the weights or x_W changed since (loaded, edited, vectors reset), pass 1 or 2 computes b_W and the
+// next pass the product with its normalisation, as the eager step does. Further power iterations (cold start, power_iters > 1) repeat
+// both half-steps.
 // The results are the eager step's (hf_weyl.core.functional) to float rounding. Rows are split across
 // threads; column sums are accumulated per thread and added in thread order (deterministic for a given
 // thread count).
@@ -138,6 +140,39 @@ struct Product {
   }
 };
 
+// (Σ w, Σ |w|) of the fp32 values of A in double, accumulated per thread over the same row partition in
+// every pass and added in thread order: the same weights give the same fingerprint, bit for bit.
+struct Fingerprint {
+  std::vector<double> partial;
+  void start() { partial.assign(2 * static_cast<size_t>(at::get_num_threads()), 0.0); }
+  inline void row(const float* vals, int64_t n, int tid) {
+    double s = 0.0, a = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      s += vals[j];
+      a += std::fabs(vals[j]);
+    }
+    partial[2 * tid] += s;
+    partial[2 * tid + 1] += a;
+  }
+  std::pair<double, double> finish() const {
+    double s = 0.0, a = 0.0;
+    for (size_t t = 0; t < partial.size(); t += 2) {
+      s += partial[t];
+      a += partial[t + 1];
+    }
+    return {s, a};
+  }
+};
+
+std::pair<double, double> vector_fingerprint(const float* x, int64_t k) {
+  double s = 0.0, a = 0.0;
+  for (int64_t j = 0; j < k; ++j) {
+    s += x[j];
+    a += std::fabs(x[j]);
+  }
+  return {s, a};
+}
+
 // B·x ("long": the product with the long side) and Bᵀ·y ("short") as row-wise products of A.
 inline bool long_is_dot(int64_t m, int64_t n) { return n <= m; }   // tall: B = A, B x = A x
 inline bool short_is_dot(int64_t m, int64_t n) { return n > m; }   // wide: B = Aᵀ, Bᵀ y = A y
@@ -215,7 +250,12 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
   const int64_t m = a.rows, n = a.cols;
   float* xw = xw_t.data_ptr<float>();
   float* xu = xu_t.data_ptr<float>();
-  const bool have_bw = bw_t.numel() == (long_is_dot(m, n) ? m : n);
+  const int64_t len = long_is_dot(m, n) ? m : n;
+  // The kept b_W (with the fingerprint of the weights it was computed from) is used only if the weights
+  // are still those: checked in pass 1, which reads them anyway (weights loaded or edited since give a
+  // fresh b_W, one extra pass).
+  const int64_t k = long_is_dot(m, n) ? n : m;
+  bool have_bw = bw_t.numel() == len + 4;
   // (locals, not struct members: stores through T* could alias them and force reloads in the loops)
   const float b1 = h.beta1, b2 = h.beta2, c1 = 1.f - h.beta1, c2 = 1.f - h.beta2, eps = h.eps;
   const float inv_bc1 = a.inv_bc1, inv_bc2_sqrt = a.inv_bc2_sqrt;
@@ -229,10 +269,13 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
   std::vector<float> yw;
   float cw = 1.f;
   if (have_bw) {
-    yw.assign(bw_t.data_ptr<float>(), bw_t.data_ptr<float>() + bw_t.numel());
+    const double* kept = bw_t.data_ptr<double>();
+    yw.assign(kept, kept + len);
     cw = to_unit_scaled(yw);
   }
   Product bu, w_prod;
+  Fingerprint seen;
+  seen.start();
   bu.start(long_is_dot(m, n), xu, m, n);
   if (have_bw) {
     w_prod.start(short_is_dot(m, n), yw.data(), m, n);
@@ -250,28 +293,48 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
       st(ub, base + j, (mj * inv_bc1) / (std::sqrt(vj) * inv_bc2_sqrt + eps));
     }
     bu.row(row_as_float(ub, base, n, ubuf), r, tid);
-    w_prod.row(row_as_float(w, base, n, wbuf), r, tid);
+    const float* wr = row_as_float(w, base, n, wbuf);
+    w_prod.row(wr, r, tid);
+    if (have_bw) seen.row(wr, n, tid);
   });
   bu.finish();
   w_prod.finish();
+  bool stale = false;
+  if (have_bw) {
+    const double* kept = bw_t.data_ptr<double>();
+    stale = seen.finish() != std::make_pair(kept[len], kept[len + 1]) ||
+            vector_fingerprint(xw, k) != std::make_pair(kept[len + 2], kept[len + 3]);
+  }
 
-  // pass 2: z_U = B_Uᵀ y_U (and, without a kept b_W, z_W = B_Wᵀ y_W)
+  // pass 2: z_U = B_Uᵀ y_U; without a kept b_W, z_W = B_Wᵀ y_W; with a stale one, b_W = B_W x_W
   const float cu = to_unit_scaled(bu.out);
-  Product zu, zw_late;
+  Product zu, w_late;
   zu.start(short_is_dot(m, n), bu.out.data(), m, n);
   if (!have_bw) {
     cw = to_unit_scaled(w_prod.out);
-    zw_late.start(short_is_dot(m, n), w_prod.out.data(), m, n);
+    w_late.start(short_is_dot(m, n), w_prod.out.data(), m, n);
+  } else if (stale) {
+    w_late.start(long_is_dot(m, n), xw, m, n);
   }
   for_rows(m, n, [&](int64_t r, int tid, float* ubuf, float* wbuf) {
     const int64_t base = r * n;
     zu.row(row_as_float(ub, base, n, ubuf), r, tid);
-    if (!have_bw) zw_late.row(row_as_float(w, base, n, wbuf), r, tid);
+    if (w_late.active) w_late.row(row_as_float(w, base, n, wbuf), r, tid);
   });
   zu.finish();
-  zw_late.finish();
+  w_late.finish();
   float su = finish_sigma(zu.out, cu, xu);
-  float sw = finish_sigma(have_bw ? w_prod.out : zw_late.out, cw, xw);
+  float sw;
+  if (stale) {  // pass 2b: z_W = B_Wᵀ y_W from the fresh b_W
+    cw = to_unit_scaled(w_late.out);
+    Product zw;
+    zw.start(short_is_dot(m, n), w_late.out.data(), m, n);
+    for_rows(m, n, [&](int64_t r, int tid, float* wbuf, float*) { zw.row(row_as_float(w, r * n, n, wbuf), r, tid); });
+    zw.finish();
+    sw = finish_sigma(zw.out, cw, xw);
+  } else {
+    sw = finish_sigma(have_bw ? w_prod.out : w_late.out, cw, xw);
+  }
 
   for (int64_t it = 1; it < iters; ++it) {  // cold start / power_iters > 1
     su = power_step_on(a.u, m, n, xu);
@@ -283,18 +346,29 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
   const float eff_lr = h.lr * ratio;
   const float decay = 1.f - eff_lr * h.weight_decay;
 
-  // pass 3: the update, and b_W = B_W x_W of the new weights for the next step
+  // pass 3: the update, and b_W = B_W x_W of the new weights (with their fingerprint) for the next step
   Product next_bw;
+  Fingerprint written;
+  written.start();
   next_bw.start(long_is_dot(m, n), xw, m, n);
   for_rows(m, n, [&](int64_t r, int tid, float* wbuf, float*) {
     const int64_t base = r * n;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) st(w, base + j, ld(w, base + j) * decay - eff_lr * ld(ub, base + j));
-    next_bw.row(row_as_float(w, base, n, wbuf), r, tid);
+    const float* wr = row_as_float(w, base, n, wbuf);
+    next_bw.row(wr, r, tid);
+    written.row(wr, n, tid);
   });
   next_bw.finish();
-  bw_t.resize_({static_cast<int64_t>(next_bw.out.size())});
-  std::copy(next_bw.out.begin(), next_bw.out.end(), bw_t.data_ptr<float>());
+  const auto fingerprint = written.finish();
+  const auto x_fingerprint = vector_fingerprint(xw, k);
+  bw_t.resize_({len + 4});
+  double* kept = bw_t.data_ptr<double>();
+  std::copy(next_bw.out.begin(), next_bw.out.end(), kept);
+  kept[len] = fingerprint.first;
+  kept[len + 1] = fingerprint.second;
+  kept[len + 2] = x_fingerprint.first;
+  kept[len + 3] = x_fingerprint.second;
 
   out[0] = ratio;
   out[1] = sw;
@@ -304,7 +378,8 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
 }  // namespace
 
 // Steps every matrix of the lists (contiguous, of one dtype: fp32 or bf16); `products` holds each
-// matrix's kept b_W (fp32; empty when there is none) and receives the next one. Returns a (3, N) fp32
+// matrix's kept b_W followed by the fingerprints of the weights and of x_W it belongs to (fp64; empty
+// when there is none) and receives the next one. Returns a (3, N) fp32
 // tensor: lr ratio, σ_W, σ_U per matrix.
 at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
                      std::vector<at::Tensor> exp_avg_sqs, at::Tensor work, std::vector<at::Tensor> weight_vectors,
@@ -323,9 +398,9 @@ at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> gra
                     exp_avg_sqs[i].scalar_type() == p.scalar_type() && work.scalar_type() == p.scalar_type(),
                 "hf_weyl cpu kernel: one dtype per call");
     TORCH_CHECK(work.numel() >= p.numel(), "hf_weyl cpu kernel: work buffer too small");
-    TORCH_CHECK(weight_vectors[i].scalar_type() == at::kFloat && update_vectors[i].scalar_type() == at::kFloat &&
-                    products[i].scalar_type() == at::kFloat,
+    TORCH_CHECK(weight_vectors[i].scalar_type() == at::kFloat && update_vectors[i].scalar_type() == at::kFloat,
                 "hf_weyl cpu kernel: power-iteration vectors must be fp32");
+    TORCH_CHECK(products[i].scalar_type() == at::kDouble, "hf_weyl cpu kernel: kept products must be fp64");
     float* out = stats.data_ptr<float>() + 3 * i;
     const auto dtype = p.scalar_type();
     if (dtype == at::kFloat) {
