@@ -15,7 +15,7 @@
 // (c: a power of two keeping the products out of the subnormal range; 1 normally. ‖·‖ is scale-safe.)
 // b_W is exactly the first half of the next step's power iteration on the weights, which do not change
 // in between: computing it while the update writes A saves a pass. It is kept with fingerprints of the
-// weights and of x_W it was computed from (Σ, Σ|·| in fp64), which pass 1 checks; without a kept b_W, or
+// weights and of x_W it was computed from (Σ, Σ of squares), which pass 1 checks; without a kept b_W, or
 // when the weights or x_W changed since (loaded, edited, vectors reset), pass 1 or 2 computes b_W and the
 // next pass the product with its normalisation, as the eager step does. Further power iterations (cold start, power_iters > 1) repeat
 // both half-steps.
@@ -96,9 +96,12 @@ float dot(const float* a, const float* b, int64_t n) {
 #pragma omp simd
     for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
   }
-  float s = 0.f;
+  for (int width = kLanes / 2; width > 0; width /= 2) {  // pairwise: log2(16) dependent adds, not 16
+#pragma omp simd
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  }
+  float s = acc[0];
   for (; j < n; ++j) s += a[j] * b[j];
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
   return s;
 }
 
@@ -140,37 +143,40 @@ struct Product {
   }
 };
 
-// (Σ w, Σ |w|) of the fp32 values of A in double, accumulated per thread over the same row partition in
-// every pass and added in thread order: the same weights give the same fingerprint, bit for bit.
+// (Σ w, Σ w²) of the fp32 values of A, accumulated in a fixed order (per row, per thread over the same
+// row partition in every pass, threads added in order): the same weights give the same fingerprint, bit
+// for bit, and any realistic change of the weights a different one.
 struct Fingerprint {
+  static constexpr int kStride = 8;  // one cache line per thread (no false sharing)
   std::vector<double> partial;
-  void start() { partial.assign(2 * static_cast<size_t>(at::get_num_threads()), 0.0); }
+  void start() { partial.assign(kStride * static_cast<size_t>(at::get_num_threads()), 0.0); }
   inline void row(const float* vals, int64_t n, int tid) {
-    double s = 0.0, a = 0.0;
+    float s = 0.f, q = 0.f;
+#pragma omp simd reduction(+ : s, q)
     for (int64_t j = 0; j < n; ++j) {
       s += vals[j];
-      a += std::fabs(vals[j]);
+      q += vals[j] * vals[j];
     }
-    partial[2 * tid] += s;
-    partial[2 * tid + 1] += a;
+    partial[kStride * tid] += s;
+    partial[kStride * tid + 1] += q;
   }
   std::pair<double, double> finish() const {
-    double s = 0.0, a = 0.0;
-    for (size_t t = 0; t < partial.size(); t += 2) {
+    double s = 0.0, q = 0.0;
+    for (size_t t = 0; t < partial.size(); t += kStride) {
       s += partial[t];
-      a += partial[t + 1];
+      q += partial[t + 1];
     }
-    return {s, a};
+    return {s, q};
   }
 };
 
 std::pair<double, double> vector_fingerprint(const float* x, int64_t k) {
-  double s = 0.0, a = 0.0;
+  double s = 0.0, q = 0.0;
   for (int64_t j = 0; j < k; ++j) {
     s += x[j];
-    a += std::fabs(x[j]);
+    q += double(x[j]) * x[j];
   }
-  return {s, a};
+  return {s, q};
 }
 
 // B·x ("long": the product with the long side) and Bᵀ·y ("short") as row-wise products of A.
@@ -256,7 +262,8 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
   // fresh b_W, one extra pass).
   const int64_t k = long_is_dot(m, n) ? n : m;
   bool have_bw = bw_t.numel() == len + 4;
-  // (locals, not struct members: stores through T* could alias them and force reloads in the loops)
+  // (locals captured by value in the row loops: stores through float* could alias anything reached by
+  // reference and force a reload of every constant in every iteration)
   const float b1 = h.beta1, b2 = h.beta2, c1 = 1.f - h.beta1, c2 = 1.f - h.beta2, eps = h.eps;
   const float inv_bc1 = a.inv_bc1, inv_bc2_sqrt = a.inv_bc2_sqrt;
   T* const w = a.w;
@@ -282,7 +289,7 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
   } else {
     w_prod.start(long_is_dot(m, n), xw, m, n);
   }
-  for_rows(m, n, [&](int64_t r, int tid, float* ubuf, float* wbuf) {
+  for_rows(m, n, [&, b1, b2, c1, c2, eps, inv_bc1, inv_bc2_sqrt](int64_t r, int tid, float* ubuf, float* wbuf) {
     const int64_t base = r * n;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
@@ -351,7 +358,7 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
   Fingerprint written;
   written.start();
   next_bw.start(long_is_dot(m, n), xw, m, n);
-  for_rows(m, n, [&](int64_t r, int tid, float* wbuf, float*) {
+  for_rows(m, n, [&, decay, eff_lr](int64_t r, int tid, float* wbuf, float*) {
     const int64_t base = r * n;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) st(w, base + j, ld(w, base + j) * decay - eff_lr * ld(ub, base + j));
