@@ -24,6 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_weyl import AdamWeyl
+from hf_weyl.core.functional import FRESH_STEPS
 from hf_weyl.distributed import COMM_STATS, SIGMA_MODES, comm_bytes_per_step
 
 
@@ -54,7 +55,7 @@ def gpt2_small_table():
         # all-gather in forward + all-gather in backward (reshard_after_forward) + reduce-scatter of grads
         fsdp = {b: 3 * (world - 1) / world * n * b for b in (2, 4)}
         for mode in SIGMA_MODES:
-            for iters, label in ((1, "warm, 1 iter"), (4, "cold start, 4 iters")):
+            for iters, label in ((1, "warm, 1 iter"), (8, "cold start, 8 iters")):
                 if mode == "gather" and iters == 4:
                     continue  # gather cost does not depend on the iterations
                 p = comm_bytes_per_step(shapes, world, mode, power_iters=iters)
@@ -109,9 +110,10 @@ def measured_vs_predicted(layers, width, mesh):
     for mode in SIGMA_MODES:
         model = sharded(layers, width, mesh)
         opt = make_optimizer("weyl", model, mode)
-        train_step(model, opt, 0)  # cold start (cold_start_iters)
+        for step in range(FRESH_STEPS):  # cold start and fresh steps (cold_start_iters)
+            train_step(model, opt, step)
         COMM_STATS.reset()
-        train_step(model, opt, 1)
+        train_step(model, opt, FRESH_STEPS)
         measured = torch.tensor([float(COMM_STATS.bytes)])
         dist.all_reduce(measured)
         want = comm_bytes_per_step(capped_shapes(model), world, mode)["payload"]
@@ -132,10 +134,10 @@ def step_time_ratio(layers, width, steps, mesh):
         model = sharded(layers, width, mesh)
         runs[name] = (model, make_optimizer(name, model))
     times = {name: ([], []) for name in names}
-    for step in range(steps + 2):
+    for step in range(steps + FRESH_STEPS + 1):
         for name, (model, opt) in runs.items():
             total, opt_time = train_step(model, opt, step)
-            if step >= 2:  # warm-up (and AdamWeyl's cold start) excluded
+            if step > FRESH_STEPS:  # warm-up, AdamWeyl's cold start and fresh steps excluded
                 times[name][0].append(total)
                 times[name][1].append(opt_time)
     med = {name: [sorted(t)[len(t) // 2] for t in ts] for name, ts in times.items()}

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_weyl import AdamWeyl
+from hf_weyl.core.functional import FRESH_STEPS
 from hf_weyl.integrations.deepspeed import COMM_STATS, SIGMA_MODES, comm_bytes_per_step
 
 
@@ -62,7 +63,7 @@ def gpt2_small_table():
     for world in (2, 8):
         zero = 2 * (world - 1) / world * n * 2  # reduce-scatter grads + all-gather params, bf16
         for mode in SIGMA_MODES:
-            for iters, label in ((1, "warm, 1 iter"), (4, "cold start, 4 iters")):
+            for iters, label in ((1, "warm, 1 iter"), (8, "cold start, 8 iters")):
                 if mode == "gather" and iters == 4:
                     continue  # gather cost does not depend on the iterations
                 p = predicted(groups, world, mode, iters)
@@ -119,9 +120,10 @@ def measured_vs_predicted(layers, width):
     rows = []
     for mode in SIGMA_MODES:
         engine = engine_for("weyl", layers, width, mode)
-        train_step(engine, 0)  # cold start (cold_start_iters)
+        for step in range(FRESH_STEPS):  # cold start and fresh steps (cold_start_iters)
+            train_step(engine, step)
         COMM_STATS.reset()
-        train_step(engine, 1)
+        train_step(engine, FRESH_STEPS)
         measured = torch.tensor([float(COMM_STATS.bytes)])
         dist.all_reduce(measured)
         rows.append((mode, measured.item() / world, predicted(groups, world, mode)["payload"], COMM_STATS.calls))
@@ -137,10 +139,10 @@ def measured_vs_predicted(layers, width):
 def step_time_ratio(layers, width, steps):
     engines = {name: engine_for(name, layers, width) for name in ("adamw", "weyl")}
     times = {name: ([], []) for name in engines}
-    for step in range(steps + 2):
+    for step in range(steps + FRESH_STEPS + 1):
         for name, engine in engines.items():
             total, opt = train_step(engine, step)
-            if step >= 2:  # warm-up (and AdamWeyl's cold start) excluded
+            if step > FRESH_STEPS:  # warm-up, AdamWeyl's cold start and fresh steps excluded
                 times[name][0].append(total)
                 times[name][1].append(opt)
     med = {name: [sorted(t)[len(t) // 2] for t in ts] for name, ts in times.items()}

@@ -142,15 +142,15 @@ def test_tau_that_never_binds_is_adamw(dtype, tol, cpu_path):
     assert o2.param_groups[0]["lr"] == o1.param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("power_iters,median_slack,max_slack", [(1, 0.01, 0.6), (20, 1e-3, 0.03)])
-def test_small_tau_bounds_relative_spectral_change(power_iters, median_slack, max_slack):
-    """σ1(W_t − W_{t−1}) ≤ τ σ1(W_{t−1}) up to the documented power-iteration error.
+@pytest.mark.parametrize("tau", [0.005, 0.01])
+@pytest.mark.parametrize("power_iters,median_slack,max_slack", [(1, 0.01, 0.25), (20, 1e-3, 0.03)])
+def test_small_tau_bounds_relative_spectral_change(power_iters, median_slack, max_slack, tau, cpu_path):
+    """σ1(W_t − W_{t−1}) ≤ τ σ1(W_{t−1}) up to the documented power-iteration error, from the first step.
 
-    docs/benchmarks.md (sigma_accuracy.py): with power_iters=1 the realised step of capped tensors is
-    τ at the median and at most ~1.5τ in the first steps, when U turns fastest; more iterations
-    converge to τ.
+    docs/benchmarks.md (sigma_accuracy.py --tightness): the early steps, when U turns fastest, are the worst;
+    ``cold_start_iters`` iterations for σ1(U) during the first ``FRESH_STEPS`` keep the default settings
+    within 1.25 τ (with 4 iterations step 2 reached 1.57 τ); more iterations converge to τ.
     """
-    tau = 0.01
     model = make_tiny_gpt2()
     opt = AdamWeyl(model.parameters(), lr=1e-1, weight_decay=0.0, tau=tau, power_iters=power_iters)
     realised = []

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 
 from .cpu_kernel import cpu_kernel
-from .power_iteration import as_matrix, power_iteration_
+from .power_iteration import PowerIters, as_matrix, power_iteration_
 
 __all__ = [
+    "FRESH_STEPS",
     "FUSED_CPU_DTYPES",
     "SigmaFn",
     "WorkBuffer",
@@ -43,17 +44,29 @@ __all__ = [
     "eager_step",
     "fused_cpu_applies",
     "is_capped",
+    "power_iters_for",
 ]
 
 #: Parameter dtypes the fused CPU step handles (others take the eager step).
 FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16)
 
+#: While a tensor has taken fewer optimizer steps than this, σ1(U) gets ``cold_start_iters`` power
+#: iterations: Adam's direction changes fastest while its moments fill up, and a vector warm-started from
+#: the previous step lags most then (an underestimated σ_U loosens the cap; see docs/benchmarks.md).
+FRESH_STEPS = 10
+
+
+def power_iters_for(power_iters: int, cold_start_iters: int, *, cold: bool, fresh: bool) -> PowerIters:
+    """Iterations this step: ``cold_start_iters`` for vectors that start cold and, while fresh, for σ1(U)."""
+    more = max(power_iters, cold_start_iters)
+    return PowerIters(more if cold else power_iters, more if cold or fresh else power_iters)
+
 
 #: σ's of the capped tensors of a step whose matrices are not whole on this device (engine adapters):
 #: ``sigma(indices, weights, directions, weight_vectors, update_vectors, iters)`` gets the positions of
 #: the capped tensors in the step's lists, their local weight and direction tensors, their fp32 warm-start
-#: vectors (updated in place) and the iteration count, and returns (σ_W, σ1(direction)) as fp32 tensors.
-SigmaFn = Callable[[list[int], list[Tensor], list[Tensor], list[Tensor], list[Tensor], int], tuple[Tensor, Tensor]]
+#: vectors (updated in place) and the iteration counts, and returns (σ_W, σ1(direction)) as fp32 tensors.
+SigmaFn = Callable[[list[int], list[Tensor], list[Tensor], list[Tensor], list[Tensor], PowerIters], tuple[Tensor, Tensor]]
 
 
 def is_capped(shape: torch.Size | tuple[int, ...], cap_vectors: bool) -> bool:
@@ -176,7 +189,7 @@ def adamweyl_step(
     eps: float,
     weight_decay: float,
     tau: float,
-    power_iters: int,
+    power_iters: PowerIters,
     sigma: SigmaFn | None = None,
     weight_products: list[Tensor | None] | None = None,
     work: WorkBuffer | None = None,
@@ -217,7 +230,7 @@ def _fused_cpu_step(
     eps: float,
     weight_decay: float,
     tau: float,
-    power_iters: int,
+    power_iters: PowerIters,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The fused CPU step: torch's fused AdamW for the tensors that are not capped, ``csrc/weyl_cpu.cpp`` for
     the matrices (three passes each; see the source for the maths)."""
@@ -239,7 +252,7 @@ def _fused_cpu_step(
             work.get(params[0].dtype, max(params[i].numel() for i in idx)),
             [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx], [weight_products[i] for i in idx],
             [as_matrix(params[i]).shape[0] for i in idx], [1 - beta1**t for t in ts], [1 - beta2**t for t in ts],
-            lr, beta1, beta2, eps, weight_decay, tau, power_iters,
+            lr, beta1, beta2, eps, weight_decay, tau, power_iters.weight, power_iters.update,
         )
         index = torch.tensor(idx)
         ratio.index_copy_(0, index, stats[0])
@@ -263,7 +276,7 @@ def eager_step(
     eps: float,
     weight_decay: float,
     tau: float,
-    power_iters: int,
+    power_iters: PowerIters,
     sigma: SigmaFn | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The AdamW² step in phases with foreach ops, on any device (the reference the fused step equals)."""
@@ -278,8 +291,8 @@ def eager_step(
     if idx:
         w_vecs, u_vecs = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
         if sigma is None:
-            sw = power_iteration_([as_matrix(params[i]) for i in idx], w_vecs, power_iters)
-            su = power_iteration_([as_matrix(directions[i]) for i in idx], u_vecs, power_iters)
+            sw = power_iteration_([as_matrix(params[i]) for i in idx], w_vecs, power_iters.weight)
+            su = power_iteration_([as_matrix(directions[i]) for i in idx], u_vecs, power_iters.update)
         else:
             sw, su = sigma(idx, [params[i] for i in idx], [directions[i] for i in idx], w_vecs, u_vecs, power_iters)
         index = torch.tensor(idx, device=device)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .functional import SigmaFn, WorkBuffer, adamweyl_step, is_capped
+from .functional import FRESH_STEPS, SigmaFn, WorkBuffer, adamweyl_step, is_capped, power_iters_for
 from .power_iteration import initial_vector, vector_length
 
 __all__ = [
@@ -34,8 +34,11 @@ __all__ = [
     "unwrap_adamweyl",
 ]
 
-#: Power-iteration steps on a tensor's first optimizer step (its vectors start cold).
-DEFAULT_COLD_START_ITERS = 4
+#: Power-iteration steps on a tensor's first optimizer step (its vectors start cold), and for σ1(U) during
+#: its first ``FRESH_STEPS`` steps. Measured on the tiny GPT-2 preset from its first step (wd 0, lr 3e-2,
+#: τ 0.01): the realised σ1(ΔW)/(τ σ1(W)) peaks at step 2 at 1.38 with 8, 1.004 with 12, 1.005 with 16
+#: (docs/benchmarks.md); 16 leaves a margin on flatter spectra.
+DEFAULT_COLD_START_ITERS = 16
 
 #: How σ's of matrices split across ranks are computed (see ``hf_weyl.distributed``).
 SIGMA_MODES = ("vector_reduce", "gather")
@@ -223,7 +226,8 @@ class AdamWeyl(Optimizer):
         power_iters: power-iteration steps per optimizer step (warm-started; 1 is enough, see docs).
         cap_vectors: also cap 1-D tensors (norm gains, biases) by their ℓ2 norm. Default: only
             tensors with ≥ 2 dims, viewed as (shape[0], rest), are capped.
-        cold_start_iters: power-iteration steps on a tensor's first step, when its vectors are new.
+        cold_start_iters: power-iteration steps on a tensor's first step, when its vectors are new, and for
+            σ1(U) during its first ``FRESH_STEPS`` (10) steps, while Adam's direction changes fastest.
         sigma_mode: how σ's are computed when an engine shards the matrices (DeepSpeed ZeRO, FSDP2):
             ``"vector_reduce"`` (all-reduce only the power-iteration vectors) or ``"gather"``
             (all-gather whole matrices). Ignored for tensors that are whole on one device.
@@ -360,8 +364,7 @@ class AdamWeyl(Optimizer):
         group: dict[str, Any],
         *,
         local: Callable[[Tensor], Tensor] | None = None,
-        sigma: Callable[[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], int], tuple[Tensor, Tensor]]
-        | None = None,
+        sigma: Callable[..., tuple[Tensor, Tensor]] | None = None,
         engine: str = "single_device",
     ) -> CapStats | None:
         """AdamW² on the parameters of ``group`` that have a gradient; state is kept per parameter.
@@ -390,7 +393,8 @@ class AdamWeyl(Optimizer):
             capped = [is_capped(p.shape, group["cap_vectors"]) for p in params]
             cold = any([self._init_state(p, c, sigma is None) for p, c in zip(params, capped)])
             states = [self.state[p] for p in params]
-            iters = max(group["power_iters"], group["cold_start_iters"]) if cold else group["power_iters"]
+            fresh = any(float(s["step"]) < FRESH_STEPS for s, c in zip(states, capped) if c)  # (CPU counters)
+            iters = power_iters_for(group["power_iters"], group["cold_start_iters"], cold=cold, fresh=fresh)
             bucket_sigma: SigmaFn | None = None
             if sigma is not None:
                 def bucket_sigma(idx, *rest, _params=params):  # positions in this bucket → the parameters

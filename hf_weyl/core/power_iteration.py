@@ -24,11 +24,13 @@ small ops whatever the number of matrices (what an accelerator's launch overhead
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "PowerIters",
     "Segments",
     "as_matrix",
     "finite_sigma",
@@ -40,6 +42,13 @@ __all__ = [
     "vector_length",
 ]
 
+
+
+class PowerIters(NamedTuple):
+    """Power-iteration steps this optimizer step, for σ1(W) and for σ1(U)."""
+
+    weight: int
+    update: int
 
 
 def as_matrix(t: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..core.power_iteration import Segments, power_iteration_, power_steps_
+from ..core.power_iteration import PowerIters, Segments, power_iteration_, power_steps_
 
 __all__ = ["COMM_STATS", "SIGMA_MODES", "Pieces", "comm_bytes_per_step", "matrix_dims", "sharded_sigmas"]
 
@@ -87,23 +87,28 @@ def sharded_sigmas(
     pieces: Pieces,
     weight_vectors: list[Tensor],
     update_vectors: list[Tensor],
-    iters: int,
+    iters: PowerIters | int,
     mode: str = "vector_reduce",
 ) -> tuple[Tensor, Tensor]:
     """(σ1(W_i), σ1(U_i)) of the distributed matrices whose local pieces (1-D, ``pieces.numels[i]`` long)
     are ``weights[i]`` and ``updates[i]``; the replicated fp32 vectors are updated in place (warm start).
-    A collective call: every rank of ``pieces.group`` must call it with the same matrices."""
+    A collective call: every rank of ``pieces.group`` must call it with the same matrices and iterations."""
     if mode not in SIGMA_MODES:
         raise ValueError(f"unknown sigma_mode {mode!r}; valid: {SIGMA_MODES}")
+    iters = PowerIters(iters, iters) if isinstance(iters, int) else iters
     k = len(pieces.dims)
-    both = Pieces(pieces.dims * 2, pieces.starts * 2, pieces.numels * 2, pieces.group)
-    flat = [t.reshape(-1) for t in (*weights, *updates)]
+    w_flat, u_flat = [t.reshape(-1) for t in weights], [t.reshape(-1) for t in updates]
     if mode == "gather":
-        fulls = _gather_matrices(flat, both)
+        fulls = _gather_matrices(w_flat + u_flat, Pieces(pieces.dims * 2, pieces.starts * 2, pieces.numels * 2, pieces.group))
         # W's, then U's: the same power_iteration_ calls as on one device, so σ's are bit for bit the same.
-        return power_iteration_(fulls[:k], weight_vectors, iters), power_iteration_(fulls[k:], update_vectors, iters)
-    sigma = _sigma_vector_reduce(flat, both, [*weight_vectors, *update_vectors], iters)
-    return sigma[:k], sigma[k:]
+        return (power_iteration_(fulls[:k], weight_vectors, iters.weight),
+                power_iteration_(fulls[k:], update_vectors, iters.update))
+    if iters.weight == iters.update:  # W and U in the same collectives
+        both = Pieces(pieces.dims * 2, pieces.starts * 2, pieces.numels * 2, pieces.group)
+        sigma = _sigma_vector_reduce(w_flat + u_flat, both, [*weight_vectors, *update_vectors], iters.weight)
+        return sigma[:k], sigma[k:]
+    return (_sigma_vector_reduce(w_flat, pieces, weight_vectors, iters.weight),
+            _sigma_vector_reduce(u_flat, pieces, update_vectors, iters.update))
 
 
 # --------------------------------------------------------------------------------------------

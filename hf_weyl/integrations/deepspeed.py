@@ -42,7 +42,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..core.functional import adam_direction, adam_moments_, apply_capped_update_, cap_ratio, is_capped
+from ..core.functional import (
+    FRESH_STEPS, adam_direction, adam_moments_, apply_capped_update_, cap_ratio, is_capped, power_iters_for,
+)
 from ..core.optimizer import GROUP_INDEX, AdamWeyl, CapStats, register_engine_adapter
 from ..core.power_iteration import initial_vector, vector_length
 from ..distributed.sigma import COMM_STATS, SIGMA_MODES, Pieces, matrix_dims, sharded_sigmas
@@ -360,7 +362,8 @@ def zero_step(optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor, layout: 
     idx = [i for i, c in enumerate(capped) if c]
     lengths = [vector_length(layout.shapes[i]) for i in idx]
     buf, cold = _vectors(state, lengths, flat.device)
-    iters = max(group["power_iters"], group["cold_start_iters"]) if cold else group["power_iters"]
+    fresh = float(state["step"]) <= FRESH_STEPS  # (counted already for this step)
+    iters = power_iters_for(group["power_iters"], group["cold_start_iters"], cold=cold, fresh=fresh)
 
     n = len(layout.params)
     sigma_w = torch.zeros(n, dtype=torch.float32, device=flat.device)

@@ -235,8 +235,8 @@ class FSDP2Adapter:
                 if pg is None:  # whole on this rank (replicated DTensor or a plain tensor)
                     views = [weights[i].reshape(matrix_dims(params[i].shape)) for i in idx]
                     dviews = [directions[i].reshape(matrix_dims(params[i].shape)) for i in idx]
-                    sw = power_iteration_([v.float() for v in views], [w_vecs[i] for i in idx], iters)
-                    su = power_iteration_([v.float() for v in dviews], [u_vecs[i] for i in idx], iters)
+                    sw = power_iteration_([v.float() for v in views], [w_vecs[i] for i in idx], iters.weight)
+                    su = power_iteration_([v.float() for v in dviews], [u_vecs[i] for i in idx], iters.update)
                 else:
                     where = Pieces(
                         tuple(pieces[i].dims for i in idx), tuple(pieces[i].start for i in idx),

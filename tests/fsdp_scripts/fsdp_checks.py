@@ -433,9 +433,11 @@ def check_comm_formula(mode):
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model = shard(make_model("gpt2"), "gpt2", mesh)
     opt = make_optimizer(model, sigma_mode=mode)
-    train("gpt2", model, opt, 1)  # cold start: more iterations
+    from hf_weyl.core.functional import FRESH_STEPS
+
+    train("gpt2", model, opt, FRESH_STEPS)  # cold start and fresh steps: more iterations
     COMM_STATS.reset()
-    train("gpt2", model, opt, 1, first_step=1)
+    train("gpt2", model, opt, 1, first_step=FRESH_STEPS)
     shapes = [tuple(p.shape) for p in model.parameters() if p.ndim >= 2]
     want = comm_bytes_per_step(shapes, dist.get_world_size(), mode)
     if mode == "vector_reduce":  # exact

@@ -17,8 +17,8 @@
 // in between: computing it while the update writes A saves a pass. It is kept with fingerprints of the
 // weights and of x_W it was computed from (Σ, Σ of squares), which pass 1 checks; without a kept b_W, or
 // when the weights or x_W changed since (loaded, edited, vectors reset), pass 1 or 2 computes b_W and the
-// next pass the product with its normalisation, as the eager step does. Further power iterations (cold start, power_iters > 1) repeat
-// both half-steps.
+// next pass the product with its normalisation, as the eager step does. Further power iterations (cold
+// start; fresh tensors, for U; power_iters > 1) repeat both half-steps on W or on the stored U.
 // The results are the eager step's (hf_weyl.core.functional) to float rounding. Rows are split across
 // threads; column sums are accumulated per thread and added in thread order (deterministic for a given
 // thread count).
@@ -250,7 +250,7 @@ float power_step_on(const T* a, int64_t m, int64_t n, float* x) {
 template <typename T>
 void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t, const at::Tensor& v_t,
                  const at::Tensor& work, const at::Tensor& xw_t, const at::Tensor& xu_t, at::Tensor& bw_t, int64_t rows,
-                 double bc1, double bc2, const Hyper& h, int64_t iters, float* out) {
+                 double bc1, double bc2, const Hyper& h, int64_t iters_w, int64_t iters_u, float* out) {
   Matrix<T> a{p.data_ptr<T>(), g.data_ptr<T>(), m_t.data_ptr<T>(), v_t.data_ptr<T>(), work.data_ptr<T>(),
               rows, p.numel() / rows, float(1.0 / bc1), float(1.0 / std::sqrt(bc2))};
   const int64_t m = a.rows, n = a.cols;
@@ -343,10 +343,8 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
     sw = finish_sigma(have_bw ? w_prod.out : w_late.out, cw, xw);
   }
 
-  for (int64_t it = 1; it < iters; ++it) {  // cold start / power_iters > 1
-    su = power_step_on(a.u, m, n, xu);
-    sw = power_step_on(a.w, m, n, xw);
-  }
+  for (int64_t it = 1; it < iters_u; ++it) su = power_step_on(a.u, m, n, xu);  // cold/fresh, power_iters > 1
+  for (int64_t it = 1; it < iters_w; ++it) sw = power_step_on(a.w, m, n, xw);
 
   const float limit = h.tau * sw, proposed = h.lr * su;
   const float ratio = (sw > 0.f && proposed > limit) ? limit / std::max(proposed, 1.17549435e-38f) : 1.f;
@@ -392,7 +390,7 @@ at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> gra
                      std::vector<at::Tensor> exp_avg_sqs, at::Tensor work, std::vector<at::Tensor> weight_vectors,
                      std::vector<at::Tensor> update_vectors, std::vector<at::Tensor> products, std::vector<int64_t> rows,
                      std::vector<double> bias1, std::vector<double> bias2, double lr, double beta1, double beta2,
-                     double eps, double weight_decay, double tau, int64_t iters) {
+                     double eps, double weight_decay, double tau, int64_t iters_w, int64_t iters_u) {
   const int64_t count = static_cast<int64_t>(params.size());
   at::Tensor stats = at::zeros({count, 3}, at::kFloat);
   const Hyper h{float(beta1), float(beta2), float(eps), float(lr), float(weight_decay), float(tau)};
@@ -412,10 +410,10 @@ at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> gra
     const auto dtype = p.scalar_type();
     if (dtype == at::kFloat) {
       step_matrix<float>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], work, weight_vectors[i], update_vectors[i],
-                         products[i], rows[i], bias1[i], bias2[i], h, iters, out);
+                         products[i], rows[i], bias1[i], bias2[i], h, iters_w, iters_u, out);
     } else if (dtype == at::kBFloat16) {
       step_matrix<at::BFloat16>(p, grads[i], exp_avgs[i], exp_avg_sqs[i], work, weight_vectors[i],
-                                update_vectors[i], products[i], rows[i], bias1[i], bias2[i], h, iters, out);
+                                update_vectors[i], products[i], rows[i], bias1[i], bias2[i], h, iters_w, iters_u, out);
     } else {
       TORCH_CHECK(false, "hf_weyl cpu kernel: unsupported dtype ", dtype);
     }
