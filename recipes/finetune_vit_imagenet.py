@@ -38,7 +38,7 @@ from hf_weyl.recipe.metrics import load_metric
 from hf_weyl.recipe.model_card import CardMetric, render_model_card, training_hyperparameters
 from hf_weyl.recipe.output import reproduce_commands, save_hub_folder
 from hf_weyl.recipe.run import Run, prepare_output_dir
-from hf_weyl.recipe.tracking import TrainLog, cap_statistics
+from hf_weyl.recipe.tracking import TrainLog, cap_statistics, check_monitor_supported, monitor_statistics
 from hf_weyl.recipe.training import build_optimizer, build_scheduler, make_accelerator
 
 RECIPE = "finetune_vit_imagenet"
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prepare_output_dir(args.output_dir)  # created and writable before anything else runs
     accelerator = make_accelerator(args)
     logger.info(accelerator.state, main_process_only=False)
+    if args.monitor_steps:
+        check_monitor_supported(accelerator)
     run = Run.start(accelerator, args)  # the checkpoint to resume from: complete, this recipe, the same options
     hub.prepare_push(accelerator, args)  # --push_to_hub: the repository exists now, not after training
     set_seed(args.seed)
@@ -181,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.max_eval_batches:  # a shorter evaluation set read to the end: never `break` out of an accelerate loader
         eval_rows = args.max_eval_batches * args.per_device_eval_batch_size * accelerator.num_processes
         eval_dataset = first_rows(eval_dataset, eval_rows)
+    # --monitor_steps: a fixed probe batch of validation rows for the attention-entropy measurement
+    probe = make_collate(args, len(labels), train=False)([eval_dataset[i] for i in range(min(8, len(eval_dataset)))]) if args.monitor_steps else None
     model = make_model(args, labels)
     train_dataloader = DataLoader(splits["train"], shuffle=True, batch_size=args.per_device_train_batch_size,
                                   collate_fn=make_collate(args, len(labels), train=True), drop_last=True,
@@ -273,6 +277,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 progress.set_postfix(loss=f"{values['train_loss']:.3f}", lr=f"{lr:.2e}")
                 if args.with_tracking:
                     accelerator.log(values, step=step)
+            if args.monitor_steps and (step % args.monitor_steps == 0 or step == 1 or last):
+                values = monitor_statistics(accelerator.unwrap_model(model),
+                                            {k: v.to(accelerator.device) for k, v in probe.items()})
+                log.record(values)
+                if args.with_tracking:
+                    accelerator.log(values, step=step)
             if step % args.eval_steps == 0 or last:
                 results = evaluate()
                 log.record(results)
@@ -289,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # The Hub-ready folder: weights, image processor, results, log, plots and the model card.
     results = {"accuracy": log.last("accuracy"), "eval_loss": log.last("eval_loss"), "step": log.completed_steps,
-               "train_loss": log.last("train_loss"), "optimizer": args.optimizer, "warmup_steps": args.warmup_steps}
+               "train_loss": log.last("train_loss"), "optimizer": args.optimizer, "warmup_steps": args.warmup_steps,
+               "tau": args.tau if args.optimizer == "adamw_weyl" else None}
     dataset_id = "sklearn-digits" if args.preset == "tiny" else (args.dataset_name or "local-imagefolder")
     base_model = None if (args.preset or args.from_scratch) else args.model_name_or_path
     model_name = f"{'tiny-' if args.preset else ''}vit-{dataset_id.split('/')[-1]}-{args.optimizer}"

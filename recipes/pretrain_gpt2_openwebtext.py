@@ -37,7 +37,7 @@ from hf_weyl.recipe.metrics import load_metric
 from hf_weyl.recipe.model_card import CardMetric, render_model_card, training_hyperparameters
 from hf_weyl.recipe.output import reproduce_commands, save_hub_folder
 from hf_weyl.recipe.run import Run, prepare_output_dir
-from hf_weyl.recipe.tracking import TrainLog, cap_statistics
+from hf_weyl.recipe.tracking import TrainLog, cap_statistics, check_monitor_supported, monitor_statistics
 from hf_weyl.recipe.training import build_optimizer, build_scheduler, make_accelerator
 
 RECIPE = "pretrain_gpt2_openwebtext"
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prepare_output_dir(args.output_dir)  # created and writable before anything else runs
     accelerator = make_accelerator(args)
     logger.info(accelerator.state, main_process_only=False)
+    if args.monitor_steps:
+        check_monitor_supported(accelerator)
     run = Run.start(accelerator, args)  # the checkpoint to resume from: complete, this recipe, the same options
     hub.prepare_push(accelerator, args)  # --push_to_hub: the repository exists now, not after training
     set_seed(args.seed)
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.max_eval_batches:  # a shorter evaluation set read to the end: never `break` out of an accelerate loader
         eval_rows = args.max_eval_batches * args.per_device_eval_batch_size * accelerator.num_processes
         eval_dataset = first_rows(eval_dataset, eval_rows)
+    # --monitor_steps: a fixed probe batch of validation rows for the attention-entropy measurement
+    probe = collate([eval_dataset[i] for i in range(min(8, len(eval_dataset)))]) if args.monitor_steps else None
     model = make_model(args, tokenizer)
     train_dataloader = DataLoader(splits["train"], shuffle=not args.streaming, collate_fn=collate,
                                   batch_size=args.per_device_train_batch_size, drop_last=True)
@@ -235,6 +239,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 progress.set_postfix(loss=f"{values['train_loss']:.3f}", lr=f"{lr:.2e}")
                 if args.with_tracking:
                     accelerator.log(values, step=step)
+            if args.monitor_steps and (step % args.monitor_steps == 0 or step == 1 or last):
+                values = monitor_statistics(accelerator.unwrap_model(model),
+                                            {k: v.to(accelerator.device) for k, v in probe.items()})
+                log.record(values)
+                if args.with_tracking:
+                    accelerator.log(values, step=step)
             if step % args.eval_steps == 0 or last:
                 results = evaluate()
                 log.record(results)
@@ -252,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # The Hub-ready folder: weights, tokenizer, results, log, plots and the model card.
     results = {"eval_loss": log.last("eval_loss"), "perplexity": log.last("perplexity"),
                "train_loss": log.last("train_loss"), "step": log.completed_steps, "optimizer": args.optimizer,
-               "warmup_steps": args.warmup_steps}
+               "warmup_steps": args.warmup_steps, "tau": args.tau if args.optimizer == "adamw_weyl" else None}
     dataset_id = "python-stdlib-sources" if args.preset == "tiny" else (args.dataset_name or "local-text")
     model_name = f"{'tiny-' if args.preset else ''}gpt2-{dataset_id.split('/')[-1]}-{args.optimizer}"
     config = accelerator.unwrap_model(model).config

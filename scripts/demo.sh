@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The main job, offline on CPU (a few minutes on 2 cores): pretrain the GPT-2 tiny preset without
-# warmup twice on the same data and seed — AdamW² (adamw_weyl) and torch's AdamW — at a
-# learning rate where AdamW without warmup breaks down, then plot both. τ = 0.03 rather than the
-# paper's 0.01 for GPT: τ bounds the relative change of σ1 per step, and this run has 300 steps, not
-# 100K-600K (with τ = 0.01 AdamW² still wins here, by less: see the README's recipes section). Each run leaves a
-# Hub-ready folder with its model card; the comparison lands in $OUT (default results/demo).
+# The main job, offline on CPU (a few minutes on 2 cores): pretrain the GPT-2 tiny preset three times on
+# the same data and seed, at a learning rate where AdamW without warmup breaks down — AdamW without
+# warmup, AdamW with warmup (WARMUP steps of linear warmup) and AdamW² (adamw_weyl) without warmup —
+# with the monitor on (min attention entropy, max σ1(W_qᵀW_k)), then draw the whole story in one figure
+# and rank the runs. τ = 0.03 rather than the paper's 0.01 for GPT: τ bounds the relative change of σ1
+# per step, and this run has 300 steps, not 100K-600K (see "τ by run length" in docs/benchmarks.md).
+# Each run leaves a Hub-ready folder with its model card; the comparison lands in $OUT (default results/demo).
 #
-#   bash scripts/demo.sh [OUT]        # LR, STEPS, TAU can be overridden from the environment
+#   bash scripts/demo.sh [OUT]        # LR, STEPS, TAU, WARMUP can be overridden from the environment
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -14,32 +15,38 @@ OUT=${1:-results/demo}
 LR=${LR:-1e-1}
 STEPS=${STEPS:-300}
 TAU=${TAU:-0.03}
+WARMUP=${WARMUP:-30}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 
-# Build the tiny corpus, tokenizer and packed blocks once, before the two runs read them.
+# Build the tiny corpus, tokenizer and packed blocks once, before the three runs read them.
 "$PY" -c "from hf_weyl.recipe.presets import tiny_text_splits; tiny_text_splits()" > "$OUT/prepare.log" 2>&1
 
-common=(--preset tiny --warmup_steps 0 --learning_rate "$LR" --max_train_steps "$STEPS" --eval_steps 50
-        --max_eval_batches 16 --logging_steps 5 --with_tracking)
-echo "Training two GPT-2 tiny models without warmup at lr $LR for $STEPS steps (logs: $OUT/*.log) ..."
-# The two runs are small: one thread each, side by side, is faster than one after the other.
-OMP_NUM_THREADS=1 "$PY" recipes/pretrain_gpt2_openwebtext.py "${common[@]}" --optimizer adamw_weyl --tau "$TAU" \
-    --output_dir "$OUT/adamw_weyl" > "$OUT/adamw_weyl.log" 2>&1 &
-weyl=$!
-OMP_NUM_THREADS=1 "$PY" recipes/pretrain_gpt2_openwebtext.py "${common[@]}" --optimizer adamw \
-    --output_dir "$OUT/adamw" > "$OUT/adamw.log" 2>&1 &
-adamw=$!
+common=(--preset tiny --learning_rate "$LR" --max_train_steps "$STEPS" --eval_steps 25 --max_eval_batches 16
+        --logging_steps 5 --monitor_steps 10 --with_tracking)
+echo "Training three GPT-2 tiny models at lr $LR for $STEPS steps (logs: $OUT/*.log) ..."
+# The runs are small: one thread each, side by side, is faster than one after the other.
+launch() {  # name, then recipe options
+    local name=$1; shift
+    OMP_NUM_THREADS=1 "$PY" recipes/pretrain_gpt2_openwebtext.py "${common[@]}" "$@" --output_dir "$OUT/$name" \
+        > "$OUT/$name.log" 2>&1 &
+    pids+=($!); names+=("$name")
+}
+pids=(); names=()
+launch adamw_weyl --optimizer adamw_weyl --tau "$TAU" --warmup_steps 0
+launch adamw --optimizer adamw --warmup_steps 0
+launch adamw_warmup --optimizer adamw --warmup_steps "$WARMUP"
 status=0
-wait $weyl || { echo "adamw_weyl run failed, see $OUT/adamw_weyl.log"; status=1; }
-wait $adamw || { echo "adamw run failed, see $OUT/adamw.log"; status=1; }
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { echo "${names[$i]} run failed, see $OUT/${names[$i]}.log"; status=1; }
+done
 [ $status -eq 0 ] || exit $status
 
-"$PY" recipes/compare_runs.py "$OUT/adamw_weyl" "$OUT/adamw" --output_dir "$OUT" \
-    --title "GPT-2 tiny preset, no warmup, lr $LR: AdamW² (τ=$TAU) vs AdamW"
+"$PY" recipes/compare_runs.py "$OUT/adamw_weyl" "$OUT/adamw" "$OUT/adamw_warmup" --output_dir "$OUT" \
+    --title "GPT-2 tiny preset, lr $LR, $STEPS steps: AdamW² (τ=$TAU, no warmup) vs AdamW with and without warmup"
 echo
 echo "Results in $OUT:"
-echo "  $OUT/comparison.png            training/validation loss of both runs"
-echo "  $OUT/summary.md                final metrics"
+echo "  $OUT/comparison.png            validation loss, min attention entropy, max σ1(W_qᵀW_k), the cap's lr ratio"
+echo "  $OUT/summary.md                who won and by how much"
 echo "  $OUT/adamw_weyl/README.md      model card (Hub-ready folder; plots in $OUT/adamw_weyl/plots/)"
-echo "  $OUT/adamw/README.md           model card of the AdamW baseline"
+echo "  $OUT/adamw/README.md, $OUT/adamw_warmup/README.md   model cards of the AdamW baselines"

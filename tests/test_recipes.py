@@ -178,6 +178,40 @@ def test_gpt2_resume_equals_uninterrupted(tmp_path):
     assert json.loads((full / "train_log.json").read_text()) == json.loads((resumed / "train_log.json").read_text())
 
 
+def test_monitor_steps_records_the_story_and_leaves_training_untouched(tmp_path):
+    """--monitor_steps logs min attention entropy and max σ1(W_qᵀW_k) at steps 1, N, 2N, ... and the last, without
+    changing the trajectory (bit-identical weights); compare_runs draws the demo's figure and ranks the runs."""
+    common = ["--max_train_steps", "5", "--eval_steps", "5", "--max_eval_batches", "2", "--logging_steps", "1",
+              "--learning_rate", "1e-2"]
+    run(GPT2, tmp_path / "monitored", *common, "--monitor_steps", "2")
+    run(GPT2, tmp_path / "plain", *common)
+    run(GPT2, tmp_path / "adamw", *common, "--optimizer", "adamw", "--warmup_steps", "2")
+    log = json.loads((tmp_path / "monitored" / "train_log.json").read_text())
+    monitored = [r["step"] for r in log if "monitor/entropy_min" in r]
+    assert monitored == [1, 2, 4, 5]
+    for r in log:
+        if "monitor/entropy_min" in r:
+            assert 0 < r["monitor/entropy_min"] < 10 and r["monitor/sigma_qk_max"] > 0
+    plain = json.loads((tmp_path / "plain" / "train_log.json").read_text())
+    assert not any("monitor/entropy_min" in r for r in plain)
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("monitored", "plain"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    compare = load_recipe("compare_runs")
+    summary = compare.main([str(tmp_path / n) for n in ("monitored", "plain", "adamw")] + ["--output_dir", str(tmp_path / "cmp")])
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    names = list(summary)
+    assert names == ["AdamW² τ=0.01, no warmup", "AdamW² τ=0.01, no warmup (plain)", "AdamW, 2 warmup steps"]
+    entropies = [summary[n]["min_attention_entropy"] for n in names]
+    assert entropies[0] == pytest.approx(min(r["monitor/entropy_min"] for r in log if "monitor/entropy_min" in r))
+    assert entropies[2] != entropies[2]  # nan: not monitored
+    text = (tmp_path / "cmp" / "summary.md").read_text()
+    best = min(names, key=lambda n: summary[n]["eval_loss"])
+    assert f"**{best}** has the lowest final validation loss, {summary[best]['eval_loss']:.3f} nats." in text
+    worst = max(names, key=lambda n: summary[n]["eval_loss"])
+    assert f"{summary[worst]['eval_loss'] - summary[best]['eval_loss']:.3f} nats worse" in text
+
+
 @pytest.mark.parametrize(
     "recipe, argv, message",
     [
@@ -191,6 +225,7 @@ def test_gpt2_resume_equals_uninterrupted(tmp_path):
         (GPT2, ["--preset", "tiny", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
         (GPT2, ["--preset", "tiny", "--warmup_steps", "-1"], "--warmup_steps must be >= 0"),
         (VIT, ["--preset", "tiny", "--label_smoothing", "1.5"], "--label_smoothing must be in [0, 1)"),
+        (GPT2, ["--preset", "tiny", "--monitor_steps", "0"], "--monitor_steps must be an integer >= 1"),
     ],
 )
 def test_bad_arguments_fail_at_start_up(recipe, argv, message, tmp_path, capsys):

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .cpu_kernel import cpu_kernel
+from .cpu_kernel import cpu_kernel, kernel_disabled
 from .power_iteration import PowerIters, as_matrix, power_iteration_
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "cap_ratio",
     "eager_step",
     "fused_cpu_applies",
+    "fused_direction",
     "is_capped",
     "power_iters_for",
 ]
@@ -119,6 +120,41 @@ def adam_direction(
     torch._foreach_reciprocal_(direction)
     torch._foreach_mul_(direction, exp_avgs)
     return direction, [c / bc for c, bc in zip(roots, bias_corrections1)]
+
+
+def fused_direction_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> bool:
+    """Whether :func:`fused_direction` can serve these tensors: all on the CPU, one floating dtype, and the CPU
+    kernels not switched off (``HF_WEYL_CPU_KERNEL=0`` gives the foreach path everywhere: its elementwise
+    results do not depend on where a shard starts, so sharded runs can be compared bit for bit)."""
+    dtype = params[0].dtype
+    return not kernel_disabled() and all(t.device.type == "cpu" and t.dtype == dtype for seq in (grads, exp_avgs, exp_avg_sqs) for t in seq)
+
+
+def fused_direction(
+    work: WorkBuffer,
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> list[Tensor]:
+    """Advance step counters and moments, and return U = m̂ / (sqrt(v̂) + ε) per tensor, in one pass of torch's
+    fused AdamW kernel (CPU) run on zeroed views of the work buffer as its "parameters" with lr = −1 and no
+    weight decay: p ← 0 − (−1)·U. (The foreach form, :func:`adam_moments_` + :func:`adam_direction`, takes
+    about six passes.)"""
+    torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    buffer = work.get(exp_avgs[0].dtype, sum(t.numel() for t in exp_avgs))
+    directions, offset = [], 0
+    for m in exp_avgs:
+        directions.append(buffer[offset : offset + m.numel()].view(m.shape))
+        offset += m.numel()
+    torch._foreach_zero_(directions)
+    torch._fused_adamw_(directions, grads, exp_avgs, exp_avg_sqs, [], steps, lr=-1.0, beta1=beta1, beta2=beta2,
+                        weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+    return directions
 
 
 def cap_ratio(sigma_weight: Tensor, sigma_update: Tensor, capped: Tensor, *, lr: float | Tensor, tau: float) -> Tensor:
@@ -209,7 +245,7 @@ def adamweyl_step(
         kernel = cpu_kernel()
         if kernel is not None:
             return _fused_cpu_step(kernel, *lists, weight_products, work, **hyper)
-    return eager_step(*lists, **hyper, sigma=sigma)
+    return eager_step(*lists, **hyper, sigma=sigma, work=work)
 
 
 def _fused_cpu_step(
@@ -278,11 +314,18 @@ def eager_step(
     tau: float,
     power_iters: PowerIters,
     sigma: SigmaFn | None = None,
+    work: WorkBuffer | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The AdamW² step in phases with foreach ops, on any device (the reference the fused step equals)."""
+    """The AdamW² step in phases, on any device (the reference the fused step equals). On the CPU, with a
+    ``work`` buffer, moments and U come from torch's fused AdamW kernel in one pass (:func:`fused_direction`),
+    else (and with ``HF_WEYL_CPU_KERNEL=0``) from foreach ops."""
     device = params[0].device
-    bc1, bc2 = adam_moments_(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2)
-    directions, scales = adam_direction(exp_avgs, exp_avg_sqs, bc1, bc2, eps=eps)
+    if work is not None and fused_direction_applies(params, grads, exp_avgs, exp_avg_sqs):
+        directions = fused_direction(work, grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps)
+        scales = [1.0] * len(params)
+    else:
+        bc1, bc2 = adam_moments_(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2)
+        directions, scales = adam_direction(exp_avgs, exp_avg_sqs, bc1, bc2, eps=eps)
 
     n = len(params)
     sigma_w = torch.zeros(n, dtype=torch.float32, device=device)

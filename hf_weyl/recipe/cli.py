@@ -42,6 +42,7 @@ FREE_ON_RESUME = frozenset({
     "output_dir", "resume_from_checkpoint", "logging_steps", "eval_steps", "max_eval_batches",
     "per_device_eval_batch_size", "checkpointing_steps", "with_tracking", "report_to", "push_to_hub",
     "hub_model_id", "hub_token", "hub_private_repo", "dataloader_num_workers", "preprocessing_num_workers",
+    "monitor_steps",
 })
 ADJUSTABLE_ON_RESUME = ("learning_rate", "tau")
 
@@ -80,6 +81,9 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
     g.add_argument("--logging_steps", type=int, default=10, help="Log every N optimizer steps (and at every checkpoint).")
     g.add_argument("--eval_steps", type=int, default=500, help="Evaluate every N optimizer steps (and at the end).")
+    g.add_argument("--monitor_steps", type=int, default=None,
+                   help="Every N optimizer steps (and at the first and last) record the minimum attention entropy and "
+                        "the largest σ1(W_qᵀW_k) (hf_weyl.monitor, on a fixed probe batch of validation rows).")
     g.add_argument("--max_eval_batches", type=int, default=None, help="Evaluate on the first N batches per process only.")
     g.add_argument("--checkpointing_steps", type=int, default=None,
                    help="Save a checkpoint every N optimizer steps and at the last step.")
@@ -106,7 +110,7 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     for name in positive_ints:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be an integer >= 1, got {getattr(args, name)}")
-    for name in ("max_train_steps", "checkpointing_steps", "max_eval_batches"):
+    for name in ("max_train_steps", "checkpointing_steps", "max_eval_batches", "monitor_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be an integer >= 1 (or left out), got {value}")

@@ -3,7 +3,9 @@
 * ``loss.png``: training loss (and validation loss where evaluated) against optimizer steps;
 * ``cap.png``: the fraction of capped tensors whose lr the AdamW² cap reduced, and the scheduled
   lr beside the effective lr (scheduled × mean and min of effective/scheduled over tensors);
-* :func:`plot_comparison`: several runs' losses on one figure (the demo's AdamW² vs AdamW).
+* :func:`plot_comparison`: several runs' losses on one figure;
+* :func:`plot_story`: several runs in four panels — validation loss, minimum attention entropy,
+  max σ1(W_qᵀW_k) (``--monitor_steps``) and the cap's effective / scheduled lr (the demo's figure).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_cap_stats", "plot_comparison", "plot_loss", "plot_training", "series"]
+__all__ = ["plot_cap_stats", "plot_comparison", "plot_loss", "plot_story", "plot_training", "series"]
 
 Log = Sequence[Mapping[str, Any]]
 
@@ -126,6 +128,54 @@ def plot_comparison(runs: Mapping[str, Log], path: str | Path, key: str = "train
     ax.set_title(title or "no warmup")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+#: The panels of :func:`plot_story`: (log key, y label, log scale).
+STORY_PANELS = (
+    ("eval_loss", "validation loss (nats)", False),
+    ("monitor/entropy_min", "min attention entropy (nats)", False),
+    ("monitor/sigma_qk_max", "max σ1(W_qᵀW_k)", True),
+    ("cap/lr_ratio_mean", "effective / scheduled lr (AdamW² cap)", True),
+)
+
+
+def plot_story(runs: Mapping[str, Log], path: str | Path, title: str | None = None) -> Path:
+    """Four panels, one line per run (label → log): validation loss (train loss faint), the monitor's minimum
+    attention entropy and largest σ1(W_qᵀW_k), and the cap's effective / scheduled lr (mean over the capped
+    tensors, min dashed; AdamW runs have none). A panel whose key no run logged says so."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for ax, (key, ylabel, log_scale) in zip(axes.flat, STORY_PANELS):
+        drawn = False
+        for i, (label, log) in enumerate(runs.items()):
+            color = f"C{i}"
+            steps, values = series(log, key)
+            if key == "eval_loss":
+                s, v = series(log, "train_loss")
+                if s:
+                    ax.plot(s, _finite(v), "-", color=color, alpha=0.25, linewidth=1)
+            if not steps:
+                continue
+            values = _finite(values)
+            ax.plot(steps, values, "o-" if len(steps) < 30 else "-", color=color, label=label, markersize=3)
+            drawn = True
+            if key == "cap/lr_ratio_mean":
+                s, v = series(log, "cap/lr_ratio_min")
+                ax.plot(s, _finite(v), "--", color=color, linewidth=1)
+        if log_scale and drawn and any(v > 0 for _, log in runs.items() for v in series(log, key)[1]):
+            ax.set_yscale("log")
+        if not drawn:
+            ax.text(0.5, 0.5, f"not logged ({key})", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

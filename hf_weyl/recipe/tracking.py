@@ -1,4 +1,5 @@
-"""What a recipe run records: :class:`TrainLog` (step counter, history, launches) and the AdamW² cap statistics.
+"""What a recipe run records: :class:`TrainLog` (step counter, history, launches), the AdamW² cap statistics
+and (``--monitor_steps``) the monitor's worst-block attention entropy and σ1(W_qᵀW_k).
 
 The log is registered with ``accelerator.register_for_checkpointing``, so every checkpoint carries it
 and a resumed run continues the same curves; ``train_log.json`` is its ``history``.
@@ -10,10 +11,13 @@ from typing import Any
 
 from ..core.optimizer import unwrap_adamweyl
 
-__all__ = ["CHANGES_KEY", "TrainLog", "cap_statistics"]
+__all__ = ["CHANGES_KEY", "MONITOR_KEYS", "TrainLog", "cap_statistics", "check_monitor_supported", "monitor_statistics"]
 
 #: Key of a history record that lists the options changed on a resume, applied from that record's step.
 CHANGES_KEY = "hyperparameter_changes"
+#: What ``--monitor_steps`` records (:mod:`hf_weyl.monitor` names): the minimum over blocks and heads of the
+#: mean attention entropy on a probe batch, and the maximum of σ1(W_q,hᵀ W_k,h).
+MONITOR_KEYS = ("monitor/entropy_min", "monitor/sigma_qk_max")
 
 
 class TrainLog:
@@ -83,3 +87,25 @@ def cap_statistics(optimizer: Any, lr: float) -> dict[str, float]:
         "cap/effective_lr_mean": lr * mean,
         "cap/effective_lr_min": lr * low,
     }
+
+
+def check_monitor_supported(accelerator: Any) -> None:
+    """``--monitor_steps`` reads whole weight matrices on every process: refuse engines that partition them."""
+    from .errors import UserError
+
+    kind = str(accelerator.distributed_type).split(".")[-1]
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
+    if kind == "FSDP" or (kind == "DEEPSPEED" and stage == 3):
+        engine = "FSDP" if kind == "FSDP" else "DeepSpeed ZeRO-3"
+        raise UserError(f"--monitor_steps needs whole weight matrices on every process, but {engine} partitions them; "
+                        "leave --monitor_steps out, or monitor under DDP / ZeRO-1/2")
+
+
+def monitor_statistics(model: Any, probe_batch: dict[str, Any]) -> dict[str, float]:
+    """:data:`MONITOR_KEYS` of ``model`` now, from :func:`hf_weyl.monitor.collect_metrics` on ``probe_batch`` (a pass
+    in eval mode that leaves the parameters, their gradients and the RNG streams untouched)."""
+    from ..monitor import collect_metrics
+
+    values = collect_metrics(model, probe_batch)
+    return {k: values[k] for k in MONITOR_KEYS if k in values}
