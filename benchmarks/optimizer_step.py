@@ -142,7 +142,8 @@ def count_ops(shapes, device: str, name: str) -> Counter:
 
     opt = build(name.replace("_eager", ""), make_params(shapes, device, torch.float32))
     opt = _Eager(opt) if name.endswith("_eager") else opt
-    opt.step()  # cold start
+    for _ in range(functional.FRESH_STEPS):  # cold start and fresh steps (more σ_U iterations) before the warm step
+        opt.step()
     with Count() as mode:
         opt.step()
     return mode.ops
@@ -154,7 +155,8 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), default=list(REGIMES))
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=functional.FRESH_STEPS + 1,
+                        help="untimed steps first (default: past AdamWeyl's cold start and fresh steps)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (a subprocess per optimizer)")
     parser.add_argument("--count_ops", action="store_true", help="count dispatched aten ops per step instead of timing")
     parser.add_argument("--_child", help=argparse.SUPPRESS)

@@ -6,6 +6,7 @@ Trainer modules, so that importing hf_weyl imports torch only). Unmodified scrip
 
 from . import integrations  # noqa: F401  (registers the engine adapters: DeepSpeed ZeRO, FSDP2)
 from .core.optimizer import AdamWeyl, CapStats, unwrap_adamweyl
+from .core.tau_rule import tau_for_steps
 from .integrations.trainer import (
     OPTIM_NAME,
     optimizer_kwargs_from_optim_args,
@@ -22,6 +23,7 @@ __all__ = [
     "__version__",
     "optimizer_kwargs_from_optim_args",
     "register_with_transformers",
+    "tau_for_steps",
     "unwrap_adamweyl",
 ]
 

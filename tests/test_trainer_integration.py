@@ -199,3 +199,28 @@ def test_missing_transformers_internals_fail_closed_naming_the_version(monkeypat
     monkeypatch.delattr(trainer_optimizer, "_OPTIMIZER_HANDLERS")
     with pytest.raises(RuntimeError, match=f"transformers {transformers.__version__}.*_OPTIMIZER_HANDLERS"):
         hf_weyl.register_with_transformers()
+
+
+@pytest.mark.parametrize("steps, tau", [(100, 0.03), (1000, 0.03), (1200, 0.025), (2400, 0.0125), (3000, 0.01), (100_000, 0.01)])
+def test_tau_for_steps_is_the_documented_rule(steps, tau):
+    assert hf_weyl.tau_for_steps(steps) == pytest.approx(tau)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.5, True, "100"])
+def test_tau_for_steps_refuses_what_is_not_a_step_count(steps):
+    with pytest.raises(ValueError, match="num_training_steps must be an integer >= 1"):
+        hf_weyl.tau_for_steps(steps)
+
+
+def test_tau_auto_derives_tau_from_max_steps(tmp_path):
+    trainer = Trainer(model=make_tiny_gpt2(), args=args(tmp_path, optim="adamw_weyl", optim_args="tau=auto", max_steps=2400))
+    opt = trainer.create_optimizer()
+    assert all(g["tau"] == pytest.approx(0.0125) for g in opt.param_groups)
+
+
+def test_tau_auto_without_max_steps_is_refused_before_training(tmp_path):
+    trainer = Trainer(model=make_tiny_gpt2(), args=args(tmp_path, optim="adamw_weyl", optim_args="tau=auto"),
+                      train_dataset=TokenDataset())
+    with pytest.raises(ValueError, match=r"tau=auto .* needs --max_steps >= 1, got max_steps=-1"):
+        trainer.train()
+    assert trainer.state.global_step == 0

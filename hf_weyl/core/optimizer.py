@@ -268,6 +268,7 @@ class AdamWeyl(Optimizer):
         self._group_params: list[list[Tensor]] = []  # each group's parameters as built (engines may swap them)
         self._built_ids: set[int] = set()
         self._adapters: dict[str, EngineAdapter] = {}
+        self._claimed: dict[int, tuple[tuple, EngineAdapter | None]] = {}  # see _adapter_for
         self._group_stats: dict[int, CapStats | None] = {}
         self._work = WorkBuffer()  # the fused CPU step's buffer for U, kept between steps
         super().__init__(params, defaults)
@@ -310,6 +311,7 @@ class AdamWeyl(Optimizer):
         self.__dict__.setdefault("_group_params", [list(g["params"]) for g in self.param_groups])
         self.__dict__.setdefault("_built_ids", {id(p) for g in self._group_params for p in g})
         self.__dict__.setdefault("_adapters", {})
+        self.__dict__.setdefault("_claimed", {})
         self.__dict__.setdefault("_group_stats", {})
         self.__dict__.setdefault("_work", WorkBuffer())
         self.__dict__.setdefault("last_stats", None)
@@ -324,7 +326,18 @@ class AdamWeyl(Optimizer):
         super().load_state_dict(state_dict)
 
     def _adapter_for(self, group: dict[str, Any]) -> EngineAdapter | None:
-        """The engine adapter that steps ``group``, or None when its tensors are the parameters themselves."""
+        """The engine adapter that steps ``group``, or None when its tensors are the parameters themselves.
+        Decided once per group and set of tensors; asked again when an engine swaps the group's tensors or
+        reshapes them in place (FSDP1 with ``use_orig_params`` turns the same Parameters into 1-D views)."""
+        key = tuple((id(p), type(p), p.shape) for p in group["params"])
+        known = self._claimed.get(id(group))
+        if known is not None and known[0] == key:
+            return known[1]
+        adapter = self._find_adapter(group)
+        self._claimed[id(group)] = (key, adapter)
+        return adapter
+
+    def _find_adapter(self, group: dict[str, Any]) -> EngineAdapter | None:
         for cls in _ENGINE_ADAPTERS:
             if cls.claims(self, group):
                 if cls.name not in self._adapters:

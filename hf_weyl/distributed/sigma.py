@@ -148,7 +148,7 @@ def _add_matvec(out: Tensor, split, v: Tensor) -> None:
     if head.numel():
         out[r0] += torch.dot(head, v[c0 : c0 + head.numel()])
     if mid.shape[0]:
-        out[r1 : r1 + mid.shape[0]] += mid @ v
+        out[r1 : r1 + mid.shape[0]].addmv_(mid, v)
     if tail.numel():
         out[r2] += torch.dot(tail, v[: tail.numel()])
 
@@ -159,7 +159,7 @@ def _add_rmatvec(out: Tensor, split, w: Tensor) -> None:
     if head.numel():
         out[c0 : c0 + head.numel()] += head * w[r0]
     if mid.shape[0]:
-        out += mid.t() @ w[r1 : r1 + mid.shape[0]]
+        out.addmv_(mid.t(), w[r1 : r1 + mid.shape[0]])
     if tail.numel():
         out[: tail.numel()] += tail * w[r2]
 

@@ -43,7 +43,8 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core.functional import (
-    FRESH_STEPS, adam_direction, adam_moments_, apply_capped_update_, cap_ratio, is_capped, power_iters_for,
+    FRESH_STEPS, adam_direction, adam_moments_, apply_capped_update_, cap_ratio, fused_direction,
+    fused_direction_applies, is_capped, power_iters_for,
 )
 from ..core.optimizer import GROUP_INDEX, AdamWeyl, CapStats, register_engine_adapter
 from ..core.power_iteration import initial_vector, vector_length
@@ -352,11 +353,15 @@ def zero_step(optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor, layout: 
     state["step"] = torch.as_tensor(state.get("step", 0.0), dtype=torch.float32, device="cpu").clone()
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
-    (bc1,), (bc2,) = adam_moments_(
-        [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], beta1=beta1, beta2=beta2
-    )
-    # U = scale · direction (see hf_weyl.core.functional.adam_direction)
-    (direction,), (scale,) = adam_direction([state["exp_avg"]], [state["exp_avg_sq"]], [bc1], [bc2], eps=group["eps"])
+    moments = [grad], [state["exp_avg"]], [state["exp_avg_sq"]]
+    if fused_direction_applies([flat], *moments):  # CPU: moments and U in one pass of torch's fused AdamW kernel
+        (direction,) = fused_direction(optimizer._work, *moments, [state["step"]], beta1=beta1, beta2=beta2,
+                                       eps=group["eps"])
+        scale = 1.0
+    else:
+        (bc1,), (bc2,) = adam_moments_(*moments, [state["step"]], beta1=beta1, beta2=beta2)
+        # U = scale · direction (see hf_weyl.core.functional.adam_direction)
+        (direction,), (scale,) = adam_direction(moments[1], moments[2], [bc1], [bc2], eps=group["eps"])
 
     capped = [is_capped(s, group["cap_vectors"]) for s in layout.shapes]
     idx = [i for i, c in enumerate(capped) if c]

@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from ..core.optimizer import AdamWeyl
+from ..core.tau_rule import tau_for_steps
 
 __all__ = [
     "OPTIM_ARGS",
@@ -58,9 +59,14 @@ def _parse_float(value: str) -> float:
     return number
 
 
+def _parse_tau(value: str) -> float | str:
+    """A number, or ``auto``: τ from the Trainer's ``max_steps`` by :func:`hf_weyl.tau_for_steps` (our rule)."""
+    return "auto" if value.strip() == "auto" else _parse_float(value)
+
+
 #: The ``AdamWeyl`` options reachable through ``optim_args`` ("key=value,key=value"), with their parsers.
 OPTIM_ARGS: dict[str, Callable[[str], Any]] = {
-    "tau": _parse_float,
+    "tau": _parse_tau,
     "power_iters": _parse_int,
     "cap_vectors": _parse_bool,
     "cold_start_iters": _parse_int,
@@ -135,6 +141,14 @@ def _get_adamw_weyl(ctx: Any) -> tuple[type, dict[str, Any]]:
     """
     raw = getattr(ctx.args, "optim_args", None)
     overrides = optimizer_kwargs_from_optim_args(raw if isinstance(raw, str) else ctx.optim_args)
+    if overrides.get("tau") == "auto":
+        steps = getattr(ctx.args, "max_steps", -1)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(
+                f"optim_args for {OPTIM_NAME}: tau=auto derives τ from the run length (hf_weyl.tau_for_steps) and needs "
+                f"--max_steps >= 1, got max_steps={steps!r}; set --max_steps, or give a number (tau=0.01)"
+            )
+        overrides["tau"] = tau_for_steps(steps)
     kwargs = {**ctx.optimizer_kwargs, **ctx.adam_kwargs, **overrides}
     ctx.optimizer_kwargs.clear()
     ctx.optimizer_kwargs.update(kwargs)
