@@ -100,7 +100,7 @@ def check_rule(c: float, refs: dict, cells: dict, tau_max: float | None = None) 
     return out
 
 
-def plot(refs: dict, cells: dict, path: str, rule: float | None = None) -> str:
+def plot(refs: dict, cells: dict, path: str, rule: float | None = None, tau_max: float | None = None) -> str:
     """Per task: gain vs τ, one line per run length (band = tie margin); best τ vs T with the rule."""
     import matplotlib
 
@@ -134,7 +134,10 @@ def plot(refs: dict, cells: dict, path: str, rule: float | None = None) -> str:
         row[1].plot(best_x, best_y, "o", label="best τ measured")
         if rule is not None and best_x:
             xs = [min(best_x), max(best_x)]
-            row[1].plot(xs, [rule / x for x in xs], "--", label=f"τ = {rule:g} / steps")
+            xs = sorted({*xs, *([rule / tau_max] if tau_max and xs[0] < rule / tau_max < xs[-1] else [])})
+            cap = "" if tau_max is None else f", at most {tau_max:g}"
+            row[1].plot(xs, [rule / x if tau_max is None else min(rule / x, tau_max) for x in xs], "--",
+                        label=f"τ = {rule:g} / steps{cap}")
         row[1].set_xscale("log")
         row[1].set_yscale("log")
         row[1].set_xlabel("training steps")
@@ -172,7 +175,7 @@ def main(argv=None) -> str:
         with open(args.output, "w") as f:
             f.write(text + "\n")
     if args.img:
-        print(plot(refs, cells, args.img, args.rule))
+        print(plot(refs, cells, args.img, args.rule, args.tau_max))
     return text
 
 

@@ -524,3 +524,28 @@ def test_fused_step_notices_weights_changed_between_steps(monkeypatch):
             o.step()
         torch.testing.assert_close(o1.last_stats.sigma_weight, o2.last_stats.sigma_weight, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(o1.last_stats.lr_ratio, o2.last_stats.lr_ratio, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_fused_direction_equals_the_foreach_moments_and_direction(dtype, rtol, monkeypatch):
+    """The eager CPU step's one-pass moments and U (torch's fused AdamW kernel on a zeroed work buffer, lr −1) are
+    the foreach path's (adam_moments_ + adam_direction) to float rounding, over several steps, including tensors
+    whose lengths are not multiples of a vector width (the kernel's scalar tail)."""
+    monkeypatch.delenv("HF_WEYL_CPU_KERNEL", raising=False)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (64, 33), (3,)]
+    fused = [[torch.zeros(s, dtype=dtype) for s in shapes] for _ in range(2)] + [[torch.zeros((), dtype=torch.float32) for _ in shapes]]
+    ref = [[t.clone() for t in ts] for ts in fused]
+    work = functional.WorkBuffer()
+    assert functional.fused_direction_applies(fused[0], fused[0], fused[0], fused[1])
+    for _ in range(4):
+        grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        got = functional.fused_direction(work, grads, fused[0], fused[1], fused[2], beta1=0.9, beta2=0.95, eps=1e-8)
+        bc1, bc2 = functional.adam_moments_(grads, ref[0], ref[1], ref[2], beta1=0.9, beta2=0.95)
+        directions, scales = functional.adam_direction(ref[0], ref[1], bc1, bc2, eps=1e-8)
+        for g, d, sc in zip(got, directions, scales):
+            torch.testing.assert_close(g.float(), (d.float() * sc), rtol=rtol, atol=1e-6)
+        for a, b in zip(fused[0] + fused[1] + fused[2], ref[0] + ref[1] + ref[2]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=1e-7)
+    monkeypatch.setenv("HF_WEYL_CPU_KERNEL", "0")  # the foreach path everywhere (sharded runs compared bit for bit)
+    assert not functional.fused_direction_applies(fused[0], fused[0], fused[0], fused[1])

@@ -339,7 +339,10 @@ def zero_step(optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor, layout: 
     if flat.grad is None:
         raise RuntimeError("AdamWeyl (ZeRO): the flat fp32 partition has no gradient at step time")
     grad = flat.grad
-    bad = (~torch.isfinite(grad)).any().to(torch.float32).reshape(1)
+    bad = torch.zeros(1, dtype=torch.float32, device=grad.device)
+    if grad.numel():  # min and max propagate NaN and ±inf: one read of the gradient, no mask of its size
+        lo, hi = grad.aminmax()
+        bad += ~(torch.isfinite(lo) & torch.isfinite(hi))
     _all_reduce_max(bad, layout.group)
     if bad.item() > 0:
         return None
