@@ -271,3 +271,22 @@ def test_gpt2_two_process_cpu_launch_and_exact_resume(tmp_path):
     launch(resumed, "--resume_from_checkpoint", str(out / "checkpoints" / "step_2"))
     same_weights(out, resumed)
     assert json.loads((out / "train_log.json").read_text()) == json.loads((resumed / "train_log.json").read_text())
+
+
+@pytest.mark.parametrize("kind, stage, refused", [("FSDP", None, "FSDP"), ("DEEPSPEED", 3, "DeepSpeed ZeRO-3"),
+                                                  ("DEEPSPEED", 2, None), ("MULTI_CPU", None, None), ("NO", None, None)])
+def test_monitor_steps_refused_where_engines_partition_the_matrices(kind, stage, refused):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from hf_weyl.recipe.errors import UserError
+    from hf_weyl.recipe.tracking import check_monitor_supported
+
+    plugin = SimpleNamespace(zero_stage=stage) if stage is not None else None
+    accelerator = SimpleNamespace(distributed_type=DistributedType[kind], state=SimpleNamespace(deepspeed_plugin=plugin))
+    if refused is None:
+        check_monitor_supported(accelerator)
+    else:
+        with pytest.raises(UserError, match=f"--monitor_steps needs whole weight matrices on every process, but {refused}"):
+            check_monitor_supported(accelerator)
