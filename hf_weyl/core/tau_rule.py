@@ -8,8 +8,9 @@ matches best-tuned AdamW with warmup shrinks with the number of steps T; the rul
     τ(T) = clamp(C / T, τ_min, τ_max),   C = 30,  τ_min = 0.01 (the paper's GPT value),  τ_max = 0.03
 
 was within 0.02 nats / 0.5 accuracy points of (or better than) AdamW + warmup at its best rate everywhere it
-was measured (GPT 150–2400 steps, ViT 300–1200), with no collapse; it is not a law, and ViT runs shorter than
-~300 steps were not matched by any τ.
+was measured (GPT 150–2400 steps, ViT 300–1200) at the best rate; it is not a law. ViT runs shorter than ~300
+steps were not matched by any τ, and a larger τ gives up part of the protection at high rates (Post-LN BERT,
+1200 steps: τ 0.025 collapsed at lr 1e-2 where the paper's 0.01 trained through).
 """
 
 from __future__ import annotations
