@@ -134,7 +134,8 @@ def plot(refs: dict, cells: dict, path: str, rule: float | None = None, tau_max:
         row[1].plot(best_x, best_y, "o", label="best τ measured")
         if rule is not None and best_x:
             xs = [min(best_x), max(best_x)]
-            xs = sorted({*xs, *([rule / tau_max] if tau_max and xs[0] < rule / tau_max < xs[-1] else [])})
+            if tau_max is not None and xs[0] < rule / tau_max < xs[1]:
+                xs.insert(1, rule / tau_max)  # the corner where the cap meets C / steps
             cap = "" if tau_max is None else f", at most {tau_max:g}"
             row[1].plot(xs, [rule / x if tau_max is None else min(rule / x, tau_max) for x in xs], "--",
                         label=f"τ = {rule:g} / steps{cap}")

@@ -38,7 +38,9 @@ from hf_weyl.recipe.metrics import load_metric
 from hf_weyl.recipe.model_card import CardMetric, render_model_card, training_hyperparameters
 from hf_weyl.recipe.output import reproduce_commands, save_hub_folder
 from hf_weyl.recipe.run import Run, prepare_output_dir
-from hf_weyl.recipe.tracking import TrainLog, cap_statistics, check_monitor_supported, monitor_statistics
+from hf_weyl.recipe.tracking import (
+    TrainLog, cap_statistics, check_monitor_supported, monitor_probe, monitor_statistics,
+)
 from hf_weyl.recipe.training import build_optimizer, build_scheduler, make_accelerator
 
 RECIPE = "finetune_vit_imagenet"
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eval_rows = args.max_eval_batches * args.per_device_eval_batch_size * accelerator.num_processes
         eval_dataset = first_rows(eval_dataset, eval_rows)
     # --monitor_steps: a fixed probe batch of validation rows for the attention-entropy measurement
-    probe = make_collate(args, len(labels), train=False)([eval_dataset[i] for i in range(min(8, len(eval_dataset)))]) if args.monitor_steps else None
+    probe = None
+    if args.monitor_steps:
+        probe = monitor_probe(eval_dataset, make_collate(args, len(labels), train=False), accelerator.device)
     model = make_model(args, labels)
     train_dataloader = DataLoader(splits["train"], shuffle=True, batch_size=args.per_device_train_batch_size,
                                   collate_fn=make_collate(args, len(labels), train=True), drop_last=True,
@@ -278,8 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 if args.with_tracking:
                     accelerator.log(values, step=step)
             if args.monitor_steps and (step % args.monitor_steps == 0 or step == 1 or last):
-                values = monitor_statistics(accelerator.unwrap_model(model),
-                                            {k: v.to(accelerator.device) for k, v in probe.items()})
+                values = monitor_statistics(accelerator.unwrap_model(model), probe)
                 log.record(values)
                 if args.with_tracking:
                     accelerator.log(values, step=step)

@@ -79,6 +79,14 @@ def is_capped(shape: torch.Size | tuple[int, ...], cap_vectors: bool) -> bool:
     return len(shape) >= 2 or (cap_vectors and len(shape) == 1)
 
 
+def advance_steps_(steps: list[Tensor]) -> None:
+    """t ← t + 1 for each step counter (CPU counters with a CPU scalar, as torch's AdamW does)."""
+    if steps[0].is_cpu:
+        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    else:
+        torch._foreach_add_(steps, 1)
+
+
 def adam_moments_(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -89,10 +97,7 @@ def adam_moments_(
     beta2: float,
 ) -> tuple[list[float], list[float]]:
     """Advance step counters and moments in place; return bias corrections (1−β1^t, 1−β2^t)."""
-    if steps[0].is_cpu:
-        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
-    else:
-        torch._foreach_add_(steps, 1)
+    advance_steps_(steps)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
@@ -145,7 +150,7 @@ def fused_direction(
     fused AdamW kernel (CPU) run on zeroed views of the work buffer as its "parameters" with lr = −1 and no
     weight decay: p ← 0 − (−1)·U. (The foreach form, :func:`adam_moments_` + :func:`adam_direction`, takes
     about six passes.)"""
-    torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    advance_steps_(steps)
     buffer = work.get(exp_avgs[0].dtype, sum(t.numel() for t in exp_avgs))
     directions, offset = [], 0
     for m in exp_avgs:
@@ -188,8 +193,9 @@ def apply_capped_update_(
 
 
 class WorkBuffer:
-    """A flat buffer per dtype, grown as needed and kept between steps (the fused CPU step writes U there:
-    one buffer the size of the largest capped matrix, instead of page-faulting a fresh one every step)."""
+    """A flat buffer per dtype, grown as needed and kept between steps, for U: the fused CPU step needs the largest
+    capped matrix, :func:`fused_direction` a whole bucket of tensors. Kept, so no fresh one is page-faulted in
+    every step."""
 
     def __init__(self) -> None:
         self._buffers: dict[torch.dtype, Tensor] = {}
@@ -270,7 +276,7 @@ def _fused_cpu_step(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The fused CPU step: torch's fused AdamW for the tensors that are not capped, ``csrc/weyl_cpu.cpp`` for
     the matrices (three passes each; see the source for the maths)."""
-    torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    advance_steps_(steps)
     n = len(params)
     ratio, sigma_w, sigma_u = torch.ones(n), torch.zeros(n), torch.zeros(n)
     idx = [i for i, v in enumerate(weight_vectors) if v is not None]

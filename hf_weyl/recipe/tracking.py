@@ -11,7 +11,7 @@ from typing import Any
 
 from ..core.optimizer import unwrap_adamweyl
 
-__all__ = ["CHANGES_KEY", "MONITOR_KEYS", "TrainLog", "cap_statistics", "check_monitor_supported", "monitor_statistics"]
+__all__ = ["CHANGES_KEY", "MONITOR_KEYS", "TrainLog", "cap_statistics", "check_monitor_supported", "monitor_probe", "monitor_statistics"]
 
 #: Key of a history record that lists the options changed on a resume, applied from that record's step.
 CHANGES_KEY = "hyperparameter_changes"
@@ -91,15 +91,25 @@ def cap_statistics(optimizer: Any, lr: float) -> dict[str, float]:
 
 def check_monitor_supported(accelerator: Any) -> None:
     """``--monitor_steps`` reads whole weight matrices on every process: refuse engines that partition them."""
+    from accelerate.utils import DistributedType
+
     from .errors import UserError
 
-    kind = str(accelerator.distributed_type).split(".")[-1]
+    kind = accelerator.distributed_type
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
-    if kind == "FSDP" or (kind == "DEEPSPEED" and stage == 3):
-        engine = "FSDP" if kind == "FSDP" else "DeepSpeed ZeRO-3"
+    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and stage == 3):
+        engine = "FSDP" if kind == DistributedType.FSDP else "DeepSpeed ZeRO-3"
         raise UserError(f"--monitor_steps needs whole weight matrices on every process, but {engine} partitions them; "
                         "leave --monitor_steps out, or monitor under DDP / ZeRO-1/2")
+
+
+def monitor_probe(dataset: Any, collate_fn: Any, device: Any) -> dict[str, Any]:
+    """``--monitor_steps``' fixed probe batch: the first 8 rows of ``dataset`` collated
+    (:func:`hf_weyl.monitor.probe_batch_from_dataset`: no RNG consumed), on ``device``."""
+    from ..monitor import probe_batch_from_dataset
+
+    return {k: v.to(device) for k, v in probe_batch_from_dataset(dataset, collate_fn, size=8).items()}
 
 
 def monitor_statistics(model: Any, probe_batch: dict[str, Any]) -> dict[str, float]:

@@ -11,11 +11,9 @@ The reference is the single-process AdamWeyl on the full batch (same init, data,
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
-import traceback
 import warnings
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_tiny_gpt2  # noqa: E402
+from rank_checks import run_checks  # noqa: E402
 
 import hf_weyl  # noqa: E402
 from hf_weyl import AdamWeyl, unwrap_adamweyl  # noqa: E402
@@ -479,20 +478,7 @@ def main():
         runs = {names[0]: (lambda: two_part[names[0]](names[1]))}
     else:
         runs = {n: CHECKS[n] for n in (names or CHECKS)}
-    results = {}
-    for name, fn in runs.items():
-        try:
-            fn()
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported to pytest
-            results[name] = traceback.format_exc()
-        dist.barrier()
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results)
-    if dist.get_rank() == 0:
-        merged = {n: next((r[n] for r in gathered if r[n] != "ok"), "ok") for n in runs}
-        with open(out, "w") as f:
-            json.dump(merged, f, indent=1)
+    run_checks(runs, out)
     dist.destroy_process_group()
 
 

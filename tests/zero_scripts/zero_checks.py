@@ -8,19 +8,20 @@ The reference is the single-process AdamWeyl on the full batch (same init, data,
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
-import traceback
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
 
-import hf_weyl
-from hf_weyl import AdamWeyl, unwrap_adamweyl
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from rank_checks import run_checks  # noqa: E402
+
+import hf_weyl  # noqa: E402
+from hf_weyl import AdamWeyl, unwrap_adamweyl  # noqa: E402
 
 WORLD = 2
 MICRO = 4  # per rank
@@ -312,21 +313,7 @@ def main():
     out = sys.argv[1]
     names = sys.argv[2:] or list(CHECKS)
     deepspeed.init_distributed(dist_backend="gloo")
-    results = {}
-    for name in names:
-        try:
-            CHECKS[name]()
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported to pytest
-            results[name] = traceback.format_exc()
-        dist.barrier()
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results)
-    if dist.get_rank() == 0:
-        merged = {n: next((r[n] for r in gathered if r[n] != "ok"), "ok") for n in names}
-        with open(out, "w") as f:
-            json.dump(merged, f, indent=1)
-
+    run_checks({n: CHECKS[n] for n in names}, out)
 
 if __name__ == "__main__":
     main()
