@@ -21,54 +21,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_weyl import AdamWeyl
 from hf_weyl.core.functional import FRESH_STEPS
 from hf_weyl.distributed import COMM_STATS, SIGMA_MODES, comm_bytes_per_step
 
-
-def param_groups(model, wd=0.1):
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    other = [p for p in model.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": wd}, {"params": other, "weight_decay": 0.0}]
+from comm_common import batch, capped_shapes, gpt2_small_table, param_groups, small_gpt2
 
 
-def capped_shapes(model):
-    """Shapes of the matrices AdamW² caps (tied weights counted once): one param group, one σ call."""
-    return [tuple(p.shape) for p in model.parameters() if p.ndim >= 2]
-
-
-def mib(x):
-    return f"{x / 2**20:.2f} MiB"
-
-
-def gpt2_small_table():
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(GPT2Config())
-    n = sum(p.numel() for p in model.parameters())
-    shapes = capped_shapes(model)
-    print(f"\n## GPT-2 small ({n / 1e6:.1f}M parameters, {len(shapes)} capped matrices), bytes per rank per step")
-    print("| ranks | σ mode | payload | on the wire (ring) | collectives | vs FSDP2's own traffic on the wire (bf16 / fp32 params) |")
-    print("|---|---|---|---|---|---|")
-    for world in (2, 8):
-        # all-gather in forward + all-gather in backward (reshard_after_forward) + reduce-scatter of grads
-        fsdp = {b: 3 * (world - 1) / world * n * b for b in (2, 4)}
-        for mode in SIGMA_MODES:
-            for iters, label in ((1, "warm, 1 iter"), (8, "cold start, 8 iters")):
-                if mode == "gather" and iters == 4:
-                    continue  # gather cost does not depend on the iterations
-                p = comm_bytes_per_step(shapes, world, mode, power_iters=iters)
-                print(
-                    f"| {world} | {mode} ({label}) | {mib(p['payload'])} | {mib(p['wire'])} | {int(p['collectives'])} "
-                    f"| {p['wire'] / fsdp[2]:.2%} of {mib(fsdp[2])} / {p['wire'] / fsdp[4]:.2%} of {mib(fsdp[4])} |"
-                )
-
-
-def small_gpt2(layers, width, seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=4, vocab_size=1000, n_positions=128)
-    return GPT2LMHeadModel(cfg)
+def fsdp2_traffic(world, n):
+    """All-gather of the parameters in forward and again in backward (reshard_after_forward) and reduce-scatter
+    of the gradients, with bf16 and with fp32 parameters."""
+    return {f"{name} params": 3 * (world - 1) / world * n * b for name, b in (("bf16", 2), ("fp32", 4))}
 
 
 def sharded(layers, width, mesh):
@@ -84,11 +48,6 @@ def make_optimizer(name, model, mode="vector_reduce"):
     if name == "adamw_fused":
         return torch.optim.AdamW(param_groups(model), lr=1e-3, fused=True)
     return AdamWeyl(param_groups(model), lr=1e-3, tau=0.01, sigma_mode=mode)
-
-
-def batch(step, seq=64):
-    g = torch.Generator().manual_seed(step * 7 + dist.get_rank())
-    return torch.randint(0, 1000, (4, seq), generator=g)
 
 
 def train_step(model, opt, step):
@@ -160,7 +119,7 @@ def main():
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     if dist.get_rank() == 0:
-        gpt2_small_table()
+        gpt2_small_table("FSDP2", comm_bytes_per_step, fsdp2_traffic)
     measured_vs_predicted(args.layers, args.width, mesh)
     step_time_ratio(args.layers, args.width, args.steps, mesh)
     dist.destroy_process_group()

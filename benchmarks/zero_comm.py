@@ -18,65 +18,23 @@ import time
 import deepspeed
 import torch
 import torch.distributed as dist
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_weyl import AdamWeyl
 from hf_weyl.core.functional import FRESH_STEPS
 from hf_weyl.integrations.deepspeed import COMM_STATS, SIGMA_MODES, comm_bytes_per_step
 
-
-def param_groups(model, wd=0.1):
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    other = [p for p in model.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": wd}, {"params": other, "weight_decay": 0.0}]
+from comm_common import batch, capped_shapes, gpt2_small_table, param_groups, small_gpt2
 
 
-def capped_shapes(model):
-    """Shapes of the matrices AdamW² caps, per param group (tied weights counted once)."""
-    seen, groups = set(), [[], []]
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.ndim >= 2:
-            groups[0].append(tuple(p.shape))
-    return groups
-
-
-def predicted(groups, world, mode, iters=1):
-    per = [comm_bytes_per_step(g, world, mode, power_iters=iters) for g in groups]
+def predicted(shapes, world, mode, *, power_iters=1):
+    """The σ traffic of the matrices' param group plus the non-finite flag of each of the two param groups."""
+    per = [comm_bytes_per_step(g, world, mode, power_iters=power_iters) for g in (shapes, [])]
     return {k: sum(p[k] for p in per) for k in ("payload", "wire", "collectives")}
 
 
-def mib(x):
-    return f"{x / 2**20:.2f} MiB"
-
-
-def gpt2_small_table():
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(GPT2Config())
-    n = sum(p.numel() for p in model.parameters())
-    groups = capped_shapes(model)
-    print(f"\n## GPT-2 small ({n / 1e6:.1f}M parameters, {len(groups[0])} capped matrices), bytes per rank per step")
-    print("| ranks | σ mode | payload | on the wire (ring) | collectives | vs ZeRO-2 bf16 grads+params on the wire |")
-    print("|---|---|---|---|---|---|")
-    for world in (2, 8):
-        zero = 2 * (world - 1) / world * n * 2  # reduce-scatter grads + all-gather params, bf16
-        for mode in SIGMA_MODES:
-            for iters, label in ((1, "warm, 1 iter"), (8, "cold start, 8 iters")):
-                if mode == "gather" and iters == 4:
-                    continue  # gather cost does not depend on the iterations
-                p = predicted(groups, world, mode, iters)
-                print(
-                    f"| {world} | {mode} ({label}) | {mib(p['payload'])} | {mib(p['wire'])} | {int(p['collectives'])} "
-                    f"| {p['wire'] / zero:.2%} of {mib(zero)} |"
-                )
-
-
-def small_gpt2(layers, width, seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=4, vocab_size=1000, n_positions=128)
-    return GPT2LMHeadModel(cfg)
+def zero2_traffic(world, n):
+    """Reduce-scatter of the gradients and all-gather of the parameters, bf16."""
+    return {"bf16 grads + params": 2 * (world - 1) / world * n * 2}
 
 
 def engine_for(optim, layers, width, mode="vector_reduce"):
@@ -97,11 +55,6 @@ def engine_for(optim, layers, width, mode="vector_reduce"):
     return engine
 
 
-def batch(step, seq=64):
-    g = torch.Generator().manual_seed(step * 7 + dist.get_rank())
-    return torch.randint(0, 1000, (4, seq), generator=g)
-
-
 def train_step(engine, step):
     ids = batch(step)
     t0 = time.perf_counter()
@@ -115,7 +68,7 @@ def train_step(engine, step):
 
 def measured_vs_predicted(layers, width):
     model = small_gpt2(layers, width)
-    groups = capped_shapes(model)
+    shapes = capped_shapes(model)
     world = dist.get_world_size()
     rows = []
     for mode in SIGMA_MODES:
@@ -126,7 +79,7 @@ def measured_vs_predicted(layers, width):
         train_step(engine, FRESH_STEPS)
         measured = torch.tensor([float(COMM_STATS.bytes)])
         dist.all_reduce(measured)
-        rows.append((mode, measured.item() / world, predicted(groups, world, mode)["payload"], COMM_STATS.calls))
+        rows.append((mode, measured.item() / world, predicted(shapes, world, mode)["payload"], COMM_STATS.calls))
     if dist.get_rank() == 0:
         n = sum(p.numel() for p in model.parameters())
         print(f"\n## Measured on 2 CPU ranks, GPT-2 n_layer={layers} n_embd={width} vocab=1000 ({n / 1e6:.2f}M params), ZeRO-2")
@@ -164,7 +117,7 @@ def main():
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     if dist.get_rank() == 0:
-        gpt2_small_table()
+        gpt2_small_table("ZeRO-2", predicted, zero2_traffic)
     measured_vs_predicted(args.layers, args.width)
     step_time_ratio(args.layers, args.width, args.steps)
 
