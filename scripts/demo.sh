@@ -10,13 +10,13 @@
 #   bash scripts/demo.sh [OUT]        # LR, STEPS, TAU, WARMUP can be overridden from the environment
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/env.sh  # PY: the project venv's python (or $PYTHON)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${1:-results/demo}
 LR=${LR:-1e-1}
 STEPS=${STEPS:-300}
 TAU=${TAU:-0.03}
 WARMUP=${WARMUP:-30}
-PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 
 # Build the tiny corpus, tokenizer and packed blocks once, before the three runs read them.

@@ -28,6 +28,7 @@ CHECKS = [
     "bf16_gpt2",
     "bf16_net",
     "dcp_resume_bit_identical",
+    "layouts",
     "refuse_fsdp1_orig_params",
     "refuse_fsdp1_flat_params",
     "refuse_shard1_placement",

@@ -235,3 +235,15 @@ def test_renamed_transformers_attention_attribute_fails_closed_naming_the_versio
     monkeypatch.delattr(owner, "_attn_implementation")
     with pytest.raises(RuntimeError, match=f"transformers {tf.__version__} has no GPT2Config._attn_implementation"):
         collect_metrics(model, text_batch(), None)
+
+
+def test_zero3_partitioned_parameters_refused_even_after_a_whole_one():
+    """ZeRO-3 keeps small parameters whole (stage3_param_persistence_threshold): a partitioned parameter after a
+    whole first one must still be refused (the check used to look at the first parameter only)."""
+    model = gpt2()
+    params = list(model.parameters())
+    params[0].ds_id = 0  # whole: kept by ZeRO-3
+    params[1].ds_id = 1
+    params[1].data = torch.empty(0)  # partitioned away from this rank
+    with pytest.raises(NotImplementedError, match="partitioned"):
+        collect_metrics(model)

@@ -357,6 +357,10 @@ def test_closure_schedulers_zero_grad_and_stats():
         (dict(power_iters=1.5), "power_iters"),
         (dict(cap_vectors="yes"), "cap_vectors"),
         (dict(cold_start_iters=0), "cold_start_iters"),
+        (dict(power_iters=10**20), r"power_iters=100000000000000000000; power_iters must be an integer in \[1, 256\]"),
+        (dict(power_iters=2**63), "power_iters"),
+        (dict(power_iters=10_000), "power_iters"),
+        (dict(cold_start_iters=2**63), r"cold_start_iters must be an integer in \[1, 256\]"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
@@ -497,12 +501,13 @@ def test_accelerator_step_makes_no_host_sync(lr):
 
 
 def test_fused_step_notices_weights_changed_between_steps(monkeypatch):
-    """The fused step keeps b_W = B_W x_W of the weights it wrote for the next step, with fingerprints of W and
-    x_W: weights loaded or edited in between (a checkpoint loaded into a model whose optimizer already stepped,
-    as DCP's set_state_dict does), or vectors reset, must give the eager step's σ's, not stale ones."""
+    """The fused step keeps b_W = B_W x_W of the weights it wrote for the next step: weights loaded or edited in
+    between (a checkpoint loaded into a model whose optimizer already stepped, as DCP's set_state_dict does; a
+    row permutation, which keeps every sum and sum of squares; an edit through ``.data``, which bumps no version
+    counter), or vectors reset, must give the eager step's σ's, not stale ones."""
     if cpu_kernel() is None:
         pytest.fail("the fused CPU step could not be built on this machine (see the warning)")
-    batches = token_batches(6)
+    batches = token_batches(9)
     m1 = make_tiny_gpt2()
     m2 = copy.deepcopy(m1)
     o1 = AdamWeyl(m1.parameters(), lr=2e-2, tau=0.01)
@@ -517,6 +522,11 @@ def test_fused_step_notices_weights_changed_between_steps(monkeypatch):
             for state in (*o1.state.values(), *o2.state.values()):
                 state.pop("weight_vector", None)
                 state.pop("update_vector", None)
+        if i in (6, 7):  # the rows of every matrix reversed: same entries, other matrix
+            with torch.no_grad():
+                for p in (*m1.parameters(), *m2.parameters()):
+                    if p.ndim == 2:
+                        (p if i == 6 else p.data).copy_(p.flip(0))
         for m, o, kernel in ((m1, o1, real), (m2, o2, lambda: None)):
             monkeypatch.setattr(functional, "cpu_kernel", kernel)
             o.zero_grad()
@@ -524,6 +534,27 @@ def test_fused_step_notices_weights_changed_between_steps(monkeypatch):
             o.step()
         torch.testing.assert_close(o1.last_stats.sigma_weight, o2.last_stats.sigma_weight, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(o1.last_stats.lr_ratio, o2.last_stats.lr_ratio, rtol=1e-5, atol=1e-7)
+    assert all(s["weight_product"].numel() > 0 for s in o1.state.values() if "weight_product" in s)
+
+
+def test_fused_step_sigma_after_a_row_permutation_is_the_true_one():
+    """The issue's case: σ_W of a matrix whose rows were reversed between two steps is its true σ1 (SVD), not the
+    product kept from before the edit."""
+    if cpu_kernel() is None:
+        pytest.fail("the fused CPU step could not be built on this machine (see the warning)")
+    gen = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(16, 8, generator=gen) @ torch.diag(torch.linspace(1, 0.1, 8)))
+    opt = AdamWeyl([p], lr=1e-3, tau=0.01, power_iters=1, cold_start_iters=64)
+    for _ in range(3):
+        p.grad = torch.randn(16, 8, generator=gen)
+        opt.step()
+    assert opt.state[p]["weight_product"].numel() >= 16, "the fused step kept no product"
+    with torch.no_grad():
+        p.copy_(p.flip(0))  # rows reversed: σ1 and x_W's direction unchanged, the kept b_W = B_W x_W is not
+    true = torch.linalg.matrix_norm(p.detach().double(), ord=2).item()
+    p.grad = torch.randn(16, 8, generator=gen)
+    opt.step()
+    assert abs(float(opt.last_stats.sigma_weight[0]) - true) <= 1e-3 * true, (float(opt.last_stats.sigma_weight[0]), true)
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])

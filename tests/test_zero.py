@@ -32,16 +32,22 @@ ZERO_CHECKS = [f"equal_zero{s}_{m}" for s in (1, 2, 3) for m in SIGMA_MODES] + [
     "inf_one_rank_zero2_fp32",
     "inf_one_rank_zero2_bf16_unchecked",
     "inf_one_rank_zero3_fp32",
+    "layouts_zero1",
+    "layouts_zero2",
+    "layouts_zero3",
     "refuse_round_robin",
     "refuse_offload",
     "refuse_offload_zero3",
     "accelerate_zero2",
+    "accelerate_offload_swap_refused",
 ]
 TRAINER_CHECKS = [
     "trainer_zero2_vector_reduce",
     "trainer_zero2_gather",
     "trainer_zero3_vector_reduce",
     "trainer_routes_agree",
+    "trainer_optimizers_before_config",
+    "trainer_optimizers_before_offload_config_refused",
     "trainer_refuses_offload",
 ]
 

@@ -41,11 +41,13 @@ __all__ = [
     "adamweyl_step",
     "apply_capped_update_",
     "cap_ratio",
+    "dense_layout",
     "eager_step",
     "fused_cpu_applies",
     "fused_direction",
     "is_capped",
     "power_iters_for",
+    "same_dense_layout",
 ]
 
 #: Parameter dtypes the fused CPU step handles (others take the eager step).
@@ -127,12 +129,36 @@ def adam_direction(
     return direction, [c / bc for c, bc in zip(roots, bias_corrections1)]
 
 
+def dense_layout(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill a block of memory exactly once, in some order of its dims (contiguous,
+    transposed, channels_last, channels_last_3d, ...; not a strided slice or an expanded tensor): then an
+    elementwise kernel that walks the memory of tensors with equal strides pairs up the right elements."""
+    expected = 1
+    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n != 1), key=lambda ns: ns[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_dense_layout(*tensors: Tensor) -> bool:
+    """Whether the tensors share one shape and one set of strides, and that layout is :func:`dense_layout`."""
+    first = tensors[0]
+    return dense_layout(first) and all(t.shape == first.shape and t.stride() == first.stride() for t in tensors[1:])
+
+
 def fused_direction_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> bool:
-    """Whether :func:`fused_direction` can serve these tensors: all on the CPU, one floating dtype, and the CPU
+    """Whether :func:`fused_direction` can serve these tensors: all on the CPU, one floating dtype, each
+    tensor's gradient and moments of one dense layout (torch's fused kernel walks memory, not indices: on a
+    gradient strided unlike its moments, or on strided slices, it pairs up the wrong elements), and the CPU
     kernels not switched off (``HF_WEYL_CPU_KERNEL=0`` gives the foreach path everywhere: its elementwise
     results do not depend on where a shard starts, so sharded runs can be compared bit for bit)."""
     dtype = params[0].dtype
-    return not kernel_disabled() and all(t.device.type == "cpu" and t.dtype == dtype for seq in (grads, exp_avgs, exp_avg_sqs) for t in seq)
+    return (
+        not kernel_disabled()
+        and all(t.device.type == "cpu" and t.dtype == dtype for seq in (grads, exp_avgs, exp_avg_sqs) for t in seq)
+        and all(same_dense_layout(g, m, v) for g, m, v in zip(grads, exp_avgs, exp_avg_sqs))
+    )
 
 
 def fused_direction(
@@ -148,13 +174,14 @@ def fused_direction(
 ) -> list[Tensor]:
     """Advance step counters and moments, and return U = m̂ / (sqrt(v̂) + ε) per tensor, in one pass of torch's
     fused AdamW kernel (CPU) run on zeroed views of the work buffer as its "parameters" with lr = −1 and no
-    weight decay: p ← 0 − (−1)·U. (The foreach form, :func:`adam_moments_` + :func:`adam_direction`, takes
-    about six passes.)"""
+    weight decay: p ← 0 − (−1)·U. Each view has its moments' strides (:func:`fused_direction_applies`: one
+    dense layout per tensor), so U has its parameter's layout. (The foreach form, :func:`adam_moments_` +
+    :func:`adam_direction`, takes about six passes.)"""
     advance_steps_(steps)
     buffer = work.get(exp_avgs[0].dtype, sum(t.numel() for t in exp_avgs))
     directions, offset = [], 0
     for m in exp_avgs:
-        directions.append(buffer[offset : offset + m.numel()].view(m.shape))
+        directions.append(buffer[offset : offset + m.numel()].as_strided(m.shape, m.stride()))
         offset += m.numel()
     torch._foreach_zero_(directions)
     torch._fused_adamw_(directions, grads, exp_avgs, exp_avg_sqs, [], steps, lr=-1.0, beta1=beta1, beta2=beta2,

@@ -19,12 +19,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .functional import FRESH_STEPS, SigmaFn, WorkBuffer, adamweyl_step, is_capped, power_iters_for
 from .power_iteration import initial_vector, vector_length
 
 __all__ = [
     "DEFAULT_COLD_START_ITERS",
+    "MAX_POWER_ITERS",
     "OPTIONS",
     "SIGMA_MODES",
     "AdamWeyl",
@@ -40,12 +42,17 @@ __all__ = [
 #: (docs/benchmarks.md); 16 leaves a margin on flatter spectra.
 DEFAULT_COLD_START_ITERS = 16
 
+#: The most power-iteration steps per optimizer step ``power_iters`` and ``cold_start_iters`` may ask for: each
+#: costs two passes over every matrix, and past a few dozen the estimate no longer changes (it converges
+#: geometrically); a larger value is a typo that would make every step take minutes.
+MAX_POWER_ITERS = 256
+
 #: How σ's of matrices split across ranks are computed (see ``hf_weyl.distributed``).
 SIGMA_MODES = ("vector_reduce", "gather")
 
 #: Optimizer-state keys of the power-iteration vectors (fp32, kept between steps), and of the product
 #: b_W = B_W x_W of the weights after the last update that the fused CPU step keeps for the next one
-#: (fp64, followed by fingerprints of those weights and of the weight vector; used only while both are unchanged).
+#: (fp64; used only if the next step's product of the weights and x_W as they are then reproduces it bit for bit).
 WEIGHT_VECTOR = "weight_vector"
 UPDATE_VECTOR = "update_vector"
 WEIGHT_PRODUCT = "weight_product"
@@ -140,6 +147,36 @@ def register_engine_adapter(adapter: type[EngineAdapter]) -> type[EngineAdapter]
     return adapter
 
 
+_FOREIGN_STEP_GUARD: list[Any] = []  # the handle of the global step pre-hook, once registered
+
+
+def _refuse_foreign_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    """A global ``Optimizer`` step pre-hook: refuse the step of another optimizer built from an ``AdamWeyl``'s
+    param groups (they carry :data:`GROUP_INDEX`) — what accelerate does under DeepSpeed optimizer offload when
+    the optimizer existed before the DeepSpeed config was announced (``map_pytorch_optim_to_deepspeed``:
+    ``DeepSpeedCPUAdam(optimizer.param_groups)``), which would train plain Adam without the cap."""
+    if isinstance(optimizer, AdamWeyl):
+        return
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list) or not any(isinstance(g, dict) and GROUP_INDEX in g for g in groups):
+        return
+    raise RuntimeError(
+        f"AdamWeyl: refusing the step of {type(optimizer).__module__}.{type(optimizer).__name__}, which was built "
+        "from an AdamWeyl's param groups and would train without the AdamW² cap. accelerate (and the HF Trainer "
+        "through it) replace a client optimizer by DeepSpeedCPUAdam when the DeepSpeed config has "
+        "zero_optimization.offload_optimizer.device='cpu' and zero_force_ds_cpu_optimizer is not false. AdamWeyl "
+        "does not run under optimizer offload yet: remove 'offload_optimizer' from the DeepSpeed config (or set its "
+        "device to 'none'); ZeRO-3 sharding already divides optimizer memory by the number of ranks."
+    )
+
+
+def _guard_foreign_steps() -> None:
+    """Register :func:`_refuse_foreign_step` once per process (a no-op for every optimizer that is not built from
+    AdamWeyl's groups: one isinstance and one scan of its param groups per step)."""
+    if not _FOREIGN_STEP_GUARD:
+        _FOREIGN_STEP_GUARD.append(register_optimizer_step_pre_hook(_refuse_foreign_step))
+
+
 def _check(name: str, value: Any, ok: bool, valid: str) -> None:
     if not ok:
         raise ValueError(f"AdamWeyl: invalid {name}={value!r}; {name} must be {valid}")
@@ -176,11 +213,12 @@ def _validate_group(g: dict[str, Any]) -> None:
     _check("eps", g["eps"], _finite_at_least(g["eps"], 0), "a finite number >= 0")
     _check("weight_decay", g["weight_decay"], _finite_at_least(g["weight_decay"], 0), "a finite number >= 0")
     _check("tau", g["tau"], _finite_at_least(g["tau"], 0, strict=True), "a finite number > 0 (the paper uses 0.004-0.01)")
-    _check("power_iters", g["power_iters"], _is_int(g["power_iters"]) and g["power_iters"] >= 1, "an integer >= 1")
-    _check(
-        "cold_start_iters", g["cold_start_iters"], _is_int(g["cold_start_iters"]) and g["cold_start_iters"] >= 1,
-        "an integer >= 1",
-    )
+    for key in ("power_iters", "cold_start_iters"):
+        _check(
+            key, g[key], _is_int(g[key]) and 1 <= g[key] <= MAX_POWER_ITERS,
+            f"an integer in [1, {MAX_POWER_ITERS}] (each iteration is two more passes over every matrix per step; "
+            "warm-started, 1 is enough)",
+        )
     _check("cap_vectors", g["cap_vectors"], isinstance(g["cap_vectors"], bool), "True or False")
     _check("sigma_mode", g["sigma_mode"], g["sigma_mode"] in SIGMA_MODES, f"one of {SIGMA_MODES} (used when matrices are sharded)")
     for p in g["params"]:
@@ -273,6 +311,7 @@ class AdamWeyl(Optimizer):
         self._work = WorkBuffer()  # the fused CPU step's buffer for U, kept between steps
         super().__init__(params, defaults)
         self.last_stats: CapStats | None = None
+        _guard_foreign_steps()
         for adapter in _ENGINE_ADAPTERS:
             adapter.check_construction(self)
 

@@ -47,13 +47,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _check_not_partitioned(model: nn.Module) -> None:
-    for p in model.parameters():
+    """Refuse a model any of whose parameters DeepSpeed ZeRO-3 has partitioned (an empty local tensor with a
+    ``ds_id``); small parameters ZeRO-3 keeps whole (``stage3_param_persistence_threshold``) may come first."""
+    for name, p in model.named_parameters():
         if hasattr(p, "ds_id") and p.numel() == 0:
             raise NotImplementedError(
-                "the training monitor reads full weight matrices; under DeepSpeed ZeRO-3 they are partitioned "
-                "across ranks. Use ZeRO-1/2 (or DDP) for monitored runs."
+                f"the training monitor reads full weight matrices; under DeepSpeed ZeRO-3 they are partitioned "
+                f"across ranks ({name} holds no elements on this rank). Use ZeRO-1/2 (or DDP) for monitored runs."
             )
-        return
 
 
 @torch.no_grad()

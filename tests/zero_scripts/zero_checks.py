@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from layout_net import BATCH as LAYOUT_BATCH  # noqa: E402
+from layout_net import LayoutNet, layout_batch, layout_groups, layout_loss, layout_reference  # noqa: E402
 from rank_checks import run_checks  # noqa: E402
 
 import hf_weyl  # noqa: E402
@@ -288,6 +290,66 @@ def check_accelerate(stage=2):
     assert_close(full_weights(model, stage), dict(ref_model.named_parameters()), what="accelerate ZeRO-2 ")
 
 
+def check_layouts(stage, steps=3, lr=0.05):
+    """Parameters of every layout (channels_last, channels_last_3d, transposed, strided slice): under ZeRO with a
+    τ that cannot bind, AdamWeyl ends where single-process torch.optim.AdamW does; with the cap binding, where
+    single-process AdamWeyl on the same layouts does."""
+    rank = dist.get_rank()
+    for tau, want in ((1e9, layout_reference("adamw", steps, lr)), (TAU, layout_reference("adamweyl", steps, lr))):
+        model = LayoutNet()
+        opt = AdamWeyl(layout_groups(model), lr=lr, betas=(0.9, 0.95), tau=tau)
+        config = ds_config(stage, train_micro_batch_size_per_gpu=LAYOUT_BATCH // WORLD, gradient_accumulation_steps=1,
+                           gradient_clipping=0.0)
+        try:
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        except RuntimeError as err:
+            # DeepSpeed 0.19 broadcasts every parameter as p.data.view(torch.uint8), which needs a last stride of 1:
+            # it refuses transposed, channels_last and strided parameters itself, loudly, before any step. A
+            # DeepSpeed that accepts them gets the comparison below.
+            assert "stride" in str(err), err
+            return
+        per = LAYOUT_BATCH // WORLD
+        for step in range(steps):
+            x, y = layout_batch(step)
+            engine.backward(layout_loss(engine, x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]))
+            engine.step()
+        weyl = unwrap_adamweyl(engine.optimizer)
+        assert weyl.last_stats is not None and weyl.last_stats.engine == "deepspeed_zero", "AdamWeyl's ZeRO path did not run"
+        if tau == TAU:
+            assert float(weyl.last_stats.lr_ratio.min()) < 1, "the cap never bound"
+        assert_close(full_weights(engine, stage), want, what=f"ZeRO-{stage} layouts τ={tau} ")
+
+
+def check_accelerate_offload_swap_refused(stage=2):
+    """AdamWeyl built before accelerate learns of a DeepSpeed config with optimizer offload: accelerate replaces it
+    by DeepSpeedCPUAdam(adamw_mode=False) built from its param groups; that optimizer's first step is refused and
+    no weight has changed."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin
+
+    AcceleratorState._reset_state(True)  # (after accelerate_zero2: a fresh plugin)
+    model = make_model()
+    opt = AdamWeyl(groups(model), lr=LR, tau=TAU, betas=(0.9, 0.95))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = ds_config(stage, zero={"offload_optimizer": {"device": "cpu"}})
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg))
+    model, opt = accelerator.prepare(model, opt)
+    assert unwrap_adamweyl(opt) is None, "accelerate kept AdamWeyl: this check no longer sees the swap"
+    try:
+        for micro in range(GAS):  # (accelerate's DeepSpeed backward steps the engine at the accumulation boundary)
+            x, y = batch(0, micro, dist.get_rank())
+            accelerator.backward(loss_fn(model, x, y))
+            opt.step()
+    except RuntimeError as err:
+        assert "refusing the step of deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam" in str(err), str(err)
+        assert "offload_optimizer" in str(err), str(err)
+    else:
+        raise AssertionError("DeepSpeedCPUAdam stepped in place of AdamWeyl")
+    after = full_weights(model, stage)
+    assert all(torch.equal(before[n], after[n]) for n in before), "weights changed before the refusal"
+
+
 CHECKS = {
     **{f"equal_zero{s}_{m}": (lambda s=s, m=m: check_equal(s, m)) for s in (1, 2, 3) for m in hf_weyl.integrations.deepspeed.SIGMA_MODES},
     **{f"equal_zero{s}_bf16": (lambda s=s: check_equal_bf16(s)) for s in (2, 3)},
@@ -298,6 +360,7 @@ CHECKS = {
         2, ds_skips=False, bf16={"enabled": True, "check_grad_overflow": False}, gradient_clipping=0.0
     ),
     "inf_one_rank_zero3_fp32": lambda: check_inf_one_rank(3),
+    **{f"layouts_zero{s}": (lambda s=s: check_layouts(s)) for s in (1, 2, 3)},
     "refuse_round_robin": lambda: check_refuses(2, "round_robin_gradients", zero={"round_robin_gradients": True}),
     "refuse_offload": lambda: check_refuses(
         2, "offload_optimizer", zero={"offload_optimizer": {"device": "cpu"}}, zero_force_ds_cpu_optimizer=False
@@ -305,7 +368,8 @@ CHECKS = {
     "refuse_offload_zero3": lambda: check_refuses(
         3, "offload_optimizer", zero={"offload_optimizer": {"device": "cpu"}}, zero_force_ds_cpu_optimizer=False
     ),
-    "accelerate_zero2": check_accelerate,  # last: it creates accelerate's global state
+    "accelerate_zero2": check_accelerate,  # last: they create accelerate's global state
+    "accelerate_offload_swap_refused": check_accelerate_offload_swap_refused,
 }
 
 

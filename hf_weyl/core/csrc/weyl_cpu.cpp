@@ -6,19 +6,21 @@
 //
 //   pass 1  M ← β1 M + (1−β1) G,  V ← β2 V + (1−β2) G²   (stored in T)
 //           U = (M / bc1) / (sqrt(V) / sqrt(bc2) + ε)     (from the stored M, V; written to a work buffer)
-//           b_U = B_U x_U,  z_W = B_Wᵀ (c y_W) with y_W = b_W / ‖b_W‖
+//           b_U = B_U x_U,  z_W = B_Wᵀ (c y_W) with y_W = b_W / ‖b_W‖,  and B_W x_W (to validate b_W)
 //   pass 2  z_U = B_Uᵀ (c y_U) with y_U = b_U / ‖b_U‖
 //           σ = ‖z‖ / c,  x ← z / ‖z‖ where σ is finite and > 0
 //   cap     α' = lr · min(1, τ σ_W / (lr σ_U)) where σ_W > 0
 //   pass 3  A ← A (1 − α' λ) − α' U,  and b_W = B_W x_W of the new A for the next step
 //
 // (c: a power of two keeping the products out of the subnormal range; 1 normally. ‖·‖ is scale-safe.)
-// b_W is exactly the first half of the next step's power iteration on the weights, which do not change
-// in between: computing it while the update writes A saves a pass. It is kept with fingerprints of the
-// weights and of x_W it was computed from (Σ, Σ of squares), which pass 1 checks; without a kept b_W, or
-// when the weights or x_W changed since (loaded, edited, vectors reset), pass 1 or 2 computes b_W and the
-// next pass the product with its normalisation, as the eager step does. Further power iterations (cold
-// start; fresh tensors, for U; power_iters > 1) repeat both half-steps on W or on the stored U.
+// b_W is the first half of the next step's power iteration on the weights: computing it while the update
+// writes A lets pass 1 do both halves (z_W needs all of y_W before the pass). It is used only if it is
+// still B_W x_W: pass 1 also computes B_W x_W of the weights and x_W as they are now (it reads them
+// anyway) and compares bit for bit (the same products in the same order give the same bits). Weights or
+// x_W changed in any way since (an in-place edit, a permutation, a load, vectors reset) give a different
+// product, which pass 2 then uses, as the eager step does; there is no fingerprint to defeat. Further
+// power iterations (cold start; fresh tensors, for U; power_iters > 1) repeat both half-steps on W or on
+// the stored U.
 // The results are the eager step's (hf_weyl.core.functional) to float rounding. Rows are split across
 // threads; column sums are accumulated per thread and added in thread order (deterministic for a given
 // thread count).
@@ -143,42 +145,6 @@ struct Product {
   }
 };
 
-// (Σ w, Σ w²) of the fp32 values of A, accumulated in a fixed order (per row, per thread over the same
-// row partition in every pass, threads added in order): the same weights give the same fingerprint, bit
-// for bit, and any realistic change of the weights a different one.
-struct Fingerprint {
-  static constexpr int kStride = 8;  // one cache line per thread (no false sharing)
-  std::vector<double> partial;
-  void start() { partial.assign(kStride * static_cast<size_t>(at::get_num_threads()), 0.0); }
-  inline void row(const float* vals, int64_t n, int tid) {
-    float s = 0.f, q = 0.f;
-#pragma omp simd reduction(+ : s, q)
-    for (int64_t j = 0; j < n; ++j) {
-      s += vals[j];
-      q += vals[j] * vals[j];
-    }
-    partial[kStride * tid] += s;
-    partial[kStride * tid + 1] += q;
-  }
-  std::pair<double, double> finish() const {
-    double s = 0.0, q = 0.0;
-    for (size_t t = 0; t < partial.size(); t += kStride) {
-      s += partial[t];
-      q += partial[t + 1];
-    }
-    return {s, q};
-  }
-};
-
-std::pair<double, double> vector_fingerprint(const float* x, int64_t k) {
-  double s = 0.0, q = 0.0;
-  for (int64_t j = 0; j < k; ++j) {
-    s += x[j];
-    q += double(x[j]) * x[j];
-  }
-  return {s, q};
-}
-
 // B·x ("long": the product with the long side) and Bᵀ·y ("short") as row-wise products of A.
 inline bool long_is_dot(int64_t m, int64_t n) { return n <= m; }   // tall: B = A, B x = A x
 inline bool short_is_dot(int64_t m, int64_t n) { return n > m; }   // wide: B = Aᵀ, Bᵀ y = A y
@@ -257,11 +223,8 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
   float* xw = xw_t.data_ptr<float>();
   float* xu = xu_t.data_ptr<float>();
   const int64_t len = long_is_dot(m, n) ? m : n;
-  // The kept b_W (with the fingerprint of the weights it was computed from) is used only if the weights
-  // are still those: checked in pass 1, which reads them anyway (weights loaded or edited since give a
-  // fresh b_W, one extra pass).
-  const int64_t k = long_is_dot(m, n) ? n : m;
-  bool have_bw = bw_t.numel() == len + 4;
+  // The kept b_W is used only if pass 1's product of the current weights and x_W reproduces it exactly.
+  const bool have_bw = bw_t.numel() == len;
   // (locals captured by value in the row loops: stores through float* could alias anything reached by
   // reference and force a reload of every constant in every iteration)
   const float b1 = h.beta1, b2 = h.beta2, c1 = 1.f - h.beta1, c2 = 1.f - h.beta2, eps = h.eps;
@@ -272,7 +235,7 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
   T* const ve = a.v;
   T* const ub = a.u;
 
-  // pass 1: moments, U (stored), b_U = B_U x_U, and z_W = B_Wᵀ y_W (or b_W = B_W x_W without a kept b_W)
+  // pass 1: moments, U (stored), b_U = B_U x_U, b_W = B_W x_W, and z_W = B_Wᵀ y_W from the kept b_W
   std::vector<float> yw;
   float cw = 1.f;
   if (have_bw) {
@@ -280,15 +243,10 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
     yw.assign(kept, kept + len);
     cw = to_unit_scaled(yw);
   }
-  Product bu, w_prod;
-  Fingerprint seen;
-  seen.start();
+  Product bu, bw, w_prod;
   bu.start(long_is_dot(m, n), xu, m, n);
-  if (have_bw) {
-    w_prod.start(short_is_dot(m, n), yw.data(), m, n);
-  } else {
-    w_prod.start(long_is_dot(m, n), xw, m, n);
-  }
+  bw.start(long_is_dot(m, n), xw, m, n);
+  if (have_bw) w_prod.start(short_is_dot(m, n), yw.data(), m, n);
   for_rows(m, n, [&, b1, b2, c1, c2, eps, inv_bc1, inv_bc2_sqrt](int64_t r, int tid, float* ubuf, float* wbuf) {
     const int64_t base = r * n;
 #pragma omp simd
@@ -301,27 +259,25 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
     }
     bu.row(row_as_float(ub, base, n, ubuf), r, tid);
     const float* wr = row_as_float(w, base, n, wbuf);
+    bw.row(wr, r, tid);
     w_prod.row(wr, r, tid);
-    if (have_bw) seen.row(wr, n, tid);
   });
   bu.finish();
+  bw.finish();
   w_prod.finish();
-  bool stale = false;
+  bool kept_valid = have_bw;  // bit for bit: NaN weights never validate
   if (have_bw) {
     const double* kept = bw_t.data_ptr<double>();
-    stale = seen.finish() != std::make_pair(kept[len], kept[len + 1]) ||
-            vector_fingerprint(xw, k) != std::make_pair(kept[len + 2], kept[len + 3]);
+    for (int64_t i = 0; i < len && kept_valid; ++i) kept_valid = float(kept[i]) == bw.out[i];
   }
 
-  // pass 2: z_U = B_Uᵀ y_U; without a kept b_W, z_W = B_Wᵀ y_W; with a stale one, b_W = B_W x_W
+  // pass 2: z_U = B_Uᵀ y_U, and z_W = B_Wᵀ y_W from pass 1's b_W unless the kept one was valid
   const float cu = to_unit_scaled(bu.out);
   Product zu, w_late;
   zu.start(short_is_dot(m, n), bu.out.data(), m, n);
-  if (!have_bw) {
-    cw = to_unit_scaled(w_prod.out);
-    w_late.start(short_is_dot(m, n), w_prod.out.data(), m, n);
-  } else if (stale) {
-    w_late.start(long_is_dot(m, n), xw, m, n);
+  if (!kept_valid) {
+    cw = to_unit_scaled(bw.out);
+    w_late.start(short_is_dot(m, n), bw.out.data(), m, n);
   }
   for_rows(m, n, [&](int64_t r, int tid, float* ubuf, float* wbuf) {
     const int64_t base = r * n;
@@ -331,17 +287,7 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
   zu.finish();
   w_late.finish();
   float su = finish_sigma(zu.out, cu, xu);
-  float sw;
-  if (stale) {  // pass 2b: z_W = B_Wᵀ y_W from the fresh b_W
-    cw = to_unit_scaled(w_late.out);
-    Product zw;
-    zw.start(short_is_dot(m, n), w_late.out.data(), m, n);
-    for_rows(m, n, [&](int64_t r, int tid, float* wbuf, float*) { zw.row(row_as_float(w, r * n, n, wbuf), r, tid); });
-    zw.finish();
-    sw = finish_sigma(zw.out, cw, xw);
-  } else {
-    sw = finish_sigma(have_bw ? w_prod.out : w_late.out, cw, xw);
-  }
+  float sw = finish_sigma(kept_valid ? w_prod.out : w_late.out, cw, xw);
 
   for (int64_t it = 1; it < iters_u; ++it) su = power_step_on(a.u, m, n, xu);  // cold/fresh, power_iters > 1
   for (int64_t it = 1; it < iters_w; ++it) sw = power_step_on(a.w, m, n, xw);
@@ -351,29 +297,18 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
   const float eff_lr = h.lr * ratio;
   const float decay = 1.f - eff_lr * h.weight_decay;
 
-  // pass 3: the update, and b_W = B_W x_W of the new weights (with their fingerprint) for the next step
+  // pass 3: the update, and b_W = B_W x_W of the new weights for the next step
   Product next_bw;
-  Fingerprint written;
-  written.start();
   next_bw.start(long_is_dot(m, n), xw, m, n);
   for_rows(m, n, [&, decay, eff_lr](int64_t r, int tid, float* wbuf, float*) {
     const int64_t base = r * n;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) st(w, base + j, ld(w, base + j) * decay - eff_lr * ld(ub, base + j));
-    const float* wr = row_as_float(w, base, n, wbuf);
-    next_bw.row(wr, r, tid);
-    written.row(wr, n, tid);
+    next_bw.row(row_as_float(w, base, n, wbuf), r, tid);
   });
   next_bw.finish();
-  const auto fingerprint = written.finish();
-  const auto x_fingerprint = vector_fingerprint(xw, k);
-  bw_t.resize_({len + 4});
-  double* kept = bw_t.data_ptr<double>();
-  std::copy(next_bw.out.begin(), next_bw.out.end(), kept);
-  kept[len] = fingerprint.first;
-  kept[len + 1] = fingerprint.second;
-  kept[len + 2] = x_fingerprint.first;
-  kept[len + 3] = x_fingerprint.second;
+  bw_t.resize_({len});
+  std::copy(next_bw.out.begin(), next_bw.out.end(), bw_t.data_ptr<double>());
 
   out[0] = ratio;
   out[1] = sw;
@@ -383,8 +318,8 @@ void step_matrix(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m_t
 }  // namespace
 
 // Steps every matrix of the lists (contiguous, of one dtype: fp32 or bf16); `products` holds each
-// matrix's kept b_W followed by the fingerprints of the weights and of x_W it belongs to (fp64; empty
-// when there is none) and receives the next one. Returns a (3, N) fp32
+// matrix's kept b_W (fp64; empty when there is none; used only if it is still B_W x_W) and receives the
+// next one. Returns a (3, N) fp32
 // tensor: lr ratio, σ_W, σ_U per matrix.
 at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
                      std::vector<at::Tensor> exp_avg_sqs, at::Tensor work, std::vector<at::Tensor> weight_vectors,
