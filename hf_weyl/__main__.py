@@ -14,6 +14,20 @@ import sys
 
 USAGE = "usage: python -m hf_weyl SCRIPT [ARGS...]  |  python -m hf_weyl -m MODULE [ARGS...]"
 
+#: What ``--help`` prints: plain text (the module docstring is reST).
+HELP = f"""{USAGE}
+
+Run an unmodified script with optim="adamw_weyl" registered with transformers' Trainer
+(--optim adamw_weyl, --optim_args "tau=auto").
+
+The script runs as if started with "python SCRIPT [ARGS...]": the same __name__ ("__main__"), sys.argv,
+sys.path[0] (the script's directory), exit code and traceback. "python -m hf_weyl -m MODULE [ARGS...]" does
+the same for "python -m MODULE [ARGS...]".
+
+Under launchers:
+  accelerate launch -m hf_weyl SCRIPT [ARGS...]
+  torchrun --nproc_per_node N -m hf_weyl SCRIPT [ARGS...]"""
+
 
 def _usage_error(message: str) -> None:
     print(f"python -m hf_weyl: {message} ({USAGE})", file=sys.stderr)
@@ -57,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:
         _usage_error("no script given")
     if argv[0] in ("-h", "--help"):
-        print(__doc__.strip().splitlines()[0] + "\n" + USAGE)
+        print(HELP)
         return
     module = argv[0] == "-m"
     if module and len(argv) < 2:

@@ -4,13 +4,13 @@
 # rendered from the template shipped in the wheel), its metrics and its plots. About a minute on 2 CPU cores.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PYTHON:-python3}
+source "$ROOT/scripts/env.sh"  # PY: the project venv's python (or $PYTHON)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 # 1. build (the installed setuptools when recent enough, else pip's isolated build environment)
 ISOLATION=()
-if "$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 68)" 2>/dev/null; then
+if "$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null; then
     ISOLATION=(--no-build-isolation)
 fi
 mkdir "$WORK/src"  # from a copy of the checkout's files: no stale build/ in the wheel, nothing left in the repo
@@ -28,7 +28,8 @@ WHEEL=$(ls "$WORK"/dist/hf_weyl-*.whl)
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 need = ["hf_weyl/__main__.py", "hf_weyl/recipe/model_cards/adamw_weyl_recipe.md", "hf_weyl/core/csrc/weyl_cpu.cpp",
-        "hf_weyl/recipe/metrics/accuracy/accuracy.py", "hf_weyl/recipe/metrics/perplexity/perplexity.py"]
+        "hf_weyl/recipe/metrics/accuracy/accuracy.py", "hf_weyl/recipe/metrics/perplexity/perplexity.py",
+        f"hf_weyl-{sys.argv[1].rsplit('/', 1)[-1].split('-')[1]}.dist-info/licenses/LICENSE"]
 missing = [n for n in need if n not in names]
 if missing:
     sys.exit(f"check_wheel: {sys.argv[1]} lacks {missing}")

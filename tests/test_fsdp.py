@@ -34,7 +34,11 @@ CHECKS = [
     "refuse_shard1_placement",
     "comm_formula_vector_reduce",
     "comm_formula_gather",
+    "cpu_offload_gpt2",
+    "cpu_offload_net",
+    "cpu_offload_dcp_resume_bit_identical",
     "accelerate_fsdp2",
+    "accelerate_fsdp2_cpu_offload",
 ]
 # The single-process references take the eager step, the arithmetic the FSDP2 adapter runs on its shards (the
 # fused CPU step equals it to float rounding: tests/test_optimizer.py), so that `gather` can be checked bit

@@ -119,7 +119,16 @@ class HubStandIn:
 
 
 @pytest.fixture
-def hub_stand_in():
+def hub_stand_in(monkeypatch):
+    # huggingface_hub >= 2.x fetches an "agent harnesses" registry from ENDPOINT on its first request in a process
+    # (unless cached in HF_HOME within a day): with ENDPOINT pointed at the stand-in that GET would be recorded as
+    # unexpected, depending on test order and the cache. Start every test with the in-process registry resolved.
+    try:
+        from huggingface_hub.utils import _detect_agent
+    except ImportError:  # older huggingface_hub: no agent detection
+        pass
+    else:
+        monkeypatch.setattr(_detect_agent, "_registry", {"standardEnvVars": [], "harnesses": {}}, raising=False)
     with HubStandIn() as stand_in:
         yield stand_in
 
@@ -189,3 +198,44 @@ def test_recipe_push_to_hub_uploads_the_run_folder(tmp_path, hub_stand_in, monke
     assert hub_stand_in.validated == [[]]
     assert hub_stand_in.unexpected == []
     assert f"Pushed to {hub_stand_in.url}/me/gpt2-tiny" in capsys.readouterr().out
+
+
+def test_push_folder_refuses_a_diverged_run(tmp_path, hub_stand_in, monkeypatch):
+    """``all_results.json`` with a NaN (a diverged run): nothing is created or uploaded, one line says why."""
+    from huggingface_hub import constants
+
+    from hf_weyl.recipe.errors import UserError
+    from hf_weyl.recipe.hub import push_folder
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    out = _fake_output_folder(tmp_path)
+    (out / "all_results.json").write_text(json.dumps({"eval_loss": float("nan"), "perplexity": float("inf"), "step": 2}))
+    with pytest.raises(UserError, match=r"not pushing .*: training diverged \(eval_loss is nan, perplexity is inf\)"):
+        push_folder(out, "me/x", endpoint=hub_stand_in.url)
+    assert hub_stand_in.repos == {}
+    (out / "all_results.json").write_text(json.dumps({"eval_loss": 1.5, "step": 2, "tau": None}))
+    push_folder(out, "me/x", endpoint=hub_stand_in.url)  # finite: pushed
+    assert "all_results.json" in hub_stand_in.repos["me/x"]["files"]
+
+
+def test_recipe_push_to_hub_refuses_a_diverged_run_and_keeps_its_folder(tmp_path, hub_stand_in, monkeypatch, capsys):
+    """lr 1e30 with AdamW: NaN. The run ends with one line and exit code 2; the folder (card: diverged) stays, the
+    repository (created at start-up) gets no file."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", hub_stand_in.url)
+    out = tmp_path / "gpt2-nan"
+    with pytest.raises(SystemExit) as exc:
+        load_recipe("pretrain_gpt2_openwebtext").main([
+            "--preset", "tiny", "--output_dir", str(out), "--optimizer", "adamw", "--learning_rate", "1e30",
+            "--max_train_steps", "2", "--eval_steps", "2", "--max_eval_batches", "1", "--push_to_hub",
+            "--hub_model_id", "me/gpt2-nan"])
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [f"pretrain_gpt2_openwebtext.py: error: --push_to_hub: not pushing '{out}': training diverged "
+                      "(eval_loss is nan, perplexity is nan, train_loss is nan), and a Hub repository must not report "
+                      "that as a result; the folder is kept as it is (its model card says diverged); train again, e.g. "
+                      "from an earlier checkpoint with a lower --learning_rate"]
+    assert hub_stand_in.repos["me/gpt2-nan"]["files"] == {} and hub_stand_in.repos["me/gpt2-nan"]["commits"] == []
+    assert (out / "model.safetensors").is_file() and "Training diverged" in (out / "README.md").read_text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
@@ -194,3 +195,37 @@ def test_package_data_ships_templates_and_metric_scripts():
 def test_ci_runs_the_wheel_check(script):
     assert (ROOT / "scripts" / script).is_file()
     assert f"scripts/{script}" in (ROOT / ".ci" / "run").read_text()
+
+
+# --- runs that never touch DeepSpeed never import it ------------------------------------------------------------------
+
+
+def test_recipe_run_without_deepspeed_never_imports_it(tmp_path):
+    """A plain (non-DeepSpeed) recipe run, through every place the loop unwraps the model (resume, the monitor, a
+    checkpoint, the final config and Hub folder), leaves DeepSpeed unimported: accelerate's unwrap imports it whenever
+    it is installed, and its import logs "Setting accelerator to CPU" into the progress bar."""
+    recipe = ROOT / "recipes" / "pretrain_gpt2_openwebtext.py"
+    common = ["--preset", "tiny", "--eval_steps", "2", "--max_eval_batches", "1", "--logging_steps", "1",
+              "--monitor_steps", "1", "--checkpointing_steps", "1", "--max_train_steps", "2"]
+    first = [*common, "--output_dir", str(tmp_path / "a")]
+    resumed = [*common, "--output_dir", str(tmp_path / "b"),
+               "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoints" / "step_1")]
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # as a user's shell: DeepSpeed would warn
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import importlib.util, sys
+        import torch
+        torch.set_num_threads(1)
+        spec = importlib.util.spec_from_file_location("recipe", {str(recipe)!r})
+        recipe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(recipe)
+        from accelerate.state import AcceleratorState, GradientState
+        for argv in ({first!r}, {resumed!r}):
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+            recipe.main(argv)
+        assert "deepspeed" not in sys.modules, "a run without DeepSpeed imported deepspeed"
+        print("ok")
+    """)], capture_output=True, text=True, timeout=300, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    assert "Setting accelerator" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "b" / "checkpoints" / "step_2").is_dir() and "Resumed from" in proc.stdout

@@ -55,3 +55,31 @@ def test_card_states_each_value_with_its_steps():
     assert "these commands, in order," in text and "accelerate launch a\naccelerate launch b --resume_from_checkpoint c" in text
     hp, text = _card([], "accelerate launch a")
     assert hp["learning rate (peak)"] == 3e-4 and "these commands" not in text and "accelerate launch a\n```" in text
+
+
+def _rendered(metrics):
+    return model_card.render_model_card(
+        model_name="m", summary="s", task_type="image-classification", task_name="t", dataset_id="d", dataset_name="d",
+        metrics=metrics, hyperparameters={}, plots={"loss": "plots/loss.png", "cap": "plots/cap.png"},
+        reproduce_command="accelerate launch a", optimizer="adamw_weyl", warmup_steps=0)
+
+
+def test_non_finite_metric_never_lands_in_the_card_as_a_result():
+    """A NaN or inf metric (the run diverged): the card says so first, the table marks it, the metadata reports no
+    result at all (not even the finite accuracy of a NaN model)."""
+    from huggingface_hub import ModelCard
+
+    for value, shown in ((float("nan"), "nan"), (float("inf"), "inf"), (None, "None")):
+        metrics = [model_card.CardMetric("accuracy", "top-1 accuracy", 0.1),
+                   model_card.CardMetric("loss", "validation loss", value)]
+        assert model_card.diverged_reason(metrics) == f"diverged: validation loss is {shown}"
+        card = ModelCard(str(_rendered(metrics)))
+        assert card.data.eval_results is None and "model-index" not in card.content and "diverged" in card.data.tags
+        assert card.text.lstrip().startswith(f"# m\n\n**Training diverged: validation loss is {shown}.**")
+        assert f"| validation loss | validation | {shown} (diverged: not a result) |" in card.text
+        assert "| top-1 accuracy | validation | 0.1000 (of a diverged run: not a result) |" in card.text
+    finite = [model_card.CardMetric("accuracy", "top-1 accuracy", 0.5), model_card.CardMetric("loss", "validation loss", 1.25)]
+    card = ModelCard(str(_rendered(finite)))
+    assert model_card.diverged_reason(finite) is None
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {"accuracy": 0.5, "loss": 1.25}
+    assert "diverged" not in card.content and "| validation loss | validation | 1.2500 |" in card.text

@@ -36,8 +36,14 @@ ZERO_CHECKS = [f"equal_zero{s}_{m}" for s in (1, 2, 3) for m in SIGMA_MODES] + [
     "layouts_zero2",
     "layouts_zero3",
     "refuse_round_robin",
-    "refuse_offload",
-    "refuse_offload_zero3",
+    *[f"offload_zero{s}{pin}" for s in (1, 2, 3) for pin in ("", "_pinned")],
+    "offload_zero2_gather",
+    "offload_equals_no_offload_zero2",
+    "offload_equals_no_offload_zero3",
+    "offload_equals_no_offload_zero2_bf16",
+    "resume_offload_zero2",
+    "resume_offload_zero3",
+    "refuse_offload_without_keep_line",
     "accelerate_zero2",
     "accelerate_offload_swap_refused",
 ]
@@ -46,8 +52,10 @@ TRAINER_CHECKS = [
     "trainer_zero2_gather",
     "trainer_zero3_vector_reduce",
     "trainer_routes_agree",
-    "trainer_optimizers_before_config",
-    "trainer_optimizers_before_offload_config_refused",
+    "trainer_optimizers_passed_refused",
+    "trainer_optimizers_passed_offload_refused",
+    "trainer_zero2_offload",
+    "trainer_zero2_offload_pinned",
     "trainer_refuses_offload",
 ]
 
@@ -134,26 +142,45 @@ def test_sigma_mode_validated_at_construction_and_in_optim_args():
 
 
 @pytest.mark.parametrize(
-    "zero, needle",
+    "config, needle",
     [
-        ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer"),
-        ({"stage": 3, "offload_optimizer": {"device": "nvme"}}, "offload_optimizer"),
-        ({"stage": 2, "round_robin_gradients": True}, "round_robin_gradients"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+         '"zero_force_ds_cpu_optimizer": false in the DeepSpeed config'),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": True},
+         '"zero_force_ds_cpu_optimizer": false'),
+        ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}, "zero_force_ds_cpu_optimizer": False},
+         "device='nvme'"),
+        ({"zero_optimization": {"stage": 2, "round_robin_gradients": True}}, "round_robin_gradients"),
     ],
 )
-def test_refused_configs(zero, needle):
-    with pytest.raises(ValueError, match=needle):
-        check_deepspeed_config({"zero_optimization": zero})
+def test_refused_configs(config, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        check_deepspeed_config(config)
     check_deepspeed_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}})
+    check_deepspeed_config({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+                            "zero_force_ds_cpu_optimizer": False})
 
 
-def test_hf_deepspeed_config_refused_when_optimizer_is_built():
+def test_hf_deepspeed_config_without_the_keep_line_refused_when_optimizer_is_built():
     from transformers.integrations import HfDeepSpeedConfig
 
     cfg = HfDeepSpeedConfig({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}})
-    with pytest.raises(ValueError, match="offload_optimizer"):
+    with pytest.raises(ValueError, match="zero_force_ds_cpu_optimizer"):
         AdamWeyl([torch.nn.Parameter(torch.randn(3, 3))])
+    cfg.config["zero_force_ds_cpu_optimizer"] = False
+    AdamWeyl([torch.nn.Parameter(torch.randn(3, 3))])  # the line added: accepted
     del cfg
+
+
+def test_keep_client_optimizer_line_is_added_only_where_missing():
+    from hf_weyl.integrations.deepspeed import keep_client_optimizer_under_offload
+
+    cpu = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
+    assert keep_client_optimizer_under_offload(cpu) and cpu["zero_force_ds_cpu_optimizer"] is False
+    forced = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": True}
+    assert not keep_client_optimizer_under_offload(forced) and forced["zero_force_ds_cpu_optimizer"] is True  # the user's
+    plain = {"zero_optimization": {"stage": 2}}
+    assert not keep_client_optimizer_under_offload(plain) and "zero_force_ds_cpu_optimizer" not in plain
 
 
 def test_foreign_flat_partition_raises_instead_of_plain_adamw():
@@ -185,12 +212,16 @@ def test_engine_settings_that_cannot_be_read_refuse(monkeypatch):
     stage3 = [SimpleNamespace(ds_id=0)]  # ZeRO-3 parameters without the _z3_optimizer back-reference
     with pytest.raises(RuntimeError, match=r"DeepSpeed .* has no SimpleNamespace\._z3_optimizer"):
         ds._check_settings(stage3, stage=3)
-    renamed = [SimpleNamespace(_zero_optimizer=SimpleNamespace(round_robin_gradients=False))]  # no cpu_offload
-    with pytest.raises(RuntimeError, match="cpu_offload"):
+    renamed = [SimpleNamespace(_zero_optimizer=SimpleNamespace(cpu_offload=False))]  # no round_robin_gradients
+    with pytest.raises(RuntimeError, match="round_robin_gradients"):
         ds._check_settings(renamed, stage=2)
-    offloading = [SimpleNamespace(_z3_optimizer=SimpleNamespace(offload_optimizer=True))]
-    with pytest.raises(ValueError, match="offload_optimizer"):
-        ds._check_settings(offloading, stage=3)
+    renamed3 = [SimpleNamespace(ds_id=0, _z3_optimizer=SimpleNamespace(offload_optimizer=True))]  # no swap_optimizer
+    with pytest.raises(RuntimeError, match="swap_optimizer"):
+        ds._check_settings(renamed3, stage=3)
+    nvme = [SimpleNamespace(_z3_optimizer=SimpleNamespace(swap_optimizer=True))]  # bare deepspeed.initialize + NVMe
+    with pytest.raises(ValueError, match="nvme"):
+        ds._check_settings(nvme, stage=3)
+    ds._check_settings([SimpleNamespace(_z3_optimizer=SimpleNamespace(swap_optimizer=False))], stage=3)  # CPU offload
 
 
 def test_sharded_sigma_is_scale_safe_and_matches_power_iteration(tmp_path):

@@ -164,9 +164,9 @@ def _refuse_foreign_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         f"AdamWeyl: refusing the step of {type(optimizer).__module__}.{type(optimizer).__name__}, which was built "
         "from an AdamWeyl's param groups and would train without the AdamW² cap. accelerate (and the HF Trainer "
         "through it) replace a client optimizer by DeepSpeedCPUAdam when the DeepSpeed config has "
-        "zero_optimization.offload_optimizer.device='cpu' and zero_force_ds_cpu_optimizer is not false. AdamWeyl "
-        "does not run under optimizer offload yet: remove 'offload_optimizer' from the DeepSpeed config (or set its "
-        "device to 'none'); ZeRO-3 sharding already divides optimizer memory by the number of ranks."
+        "zero_optimization.offload_optimizer.device='cpu' and zero_force_ds_cpu_optimizer is not false. Add "
+        '"zero_force_ds_cpu_optimizer": false to the DeepSpeed config: AdamWeyl then steps the offloaded partitions '
+        "itself."
     )
 
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..core.power_iteration import PowerIters, Segments, power_iteration_, power_steps_
+from .collectives import COMM_STATS, all_gather, all_reduce_
 
 __all__ = ["COMM_STATS", "SIGMA_MODES", "Pieces", "comm_bytes_per_step", "matrix_dims", "sharded_sigmas"]
 
@@ -35,23 +35,6 @@ __all__ = ["COMM_STATS", "SIGMA_MODES", "Pieces", "comm_bytes_per_step", "matrix
 SIGMA_MODES = ("vector_reduce", "gather")
 
 
-@dataclass
-class _Comm:
-    """Payload bytes this process handed to the σ collectives (for benchmarks)."""
-
-    bytes: int = 0
-    calls: int = 0
-
-    def add(self, t: Tensor) -> None:
-        self.bytes += t.numel() * t.element_size()
-        self.calls += 1
-
-    def reset(self) -> None:
-        self.bytes = 0
-        self.calls = 0
-
-
-COMM_STATS = _Comm()
 
 
 def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
@@ -164,11 +147,6 @@ def _add_rmatvec(out: Tensor, split, w: Tensor) -> None:
         out[: tail.numel()] += tail * w[r2]
 
 
-def _all_reduce(t: Tensor, group: Any) -> None:
-    COMM_STATS.add(t)
-    dist.all_reduce(t, group=group)
-
-
 def _sigma_vector_reduce(pieces: list[Tensor], where: Pieces, vectors: list[Tensor], iters: int) -> Tensor:
     """σ1 of each distributed matrix by power iteration (:func:`hf_weyl.core.power_iteration.power_steps_`):
     each rank multiplies its pieces into the concatenated vectors, which one all-reduce per half-step sums."""
@@ -183,7 +161,7 @@ def _sigma_vector_reduce(pieces: list[Tensor], where: Pieces, vectors: list[Tens
         out = torch.zeros(segments.total, dtype=torch.float32, device=device)
         for seg, split, vec, plain in zip(out.split(segments.sizes), splits, vecs, a_times):
             (_add_matvec if plain else _add_rmatvec)(seg, split, vec)
-        _all_reduce(out, where.group)
+        all_reduce_(out, where.group)
         return out
 
     sigma, x = power_steps_(
@@ -198,22 +176,15 @@ def _sigma_vector_reduce(pieces: list[Tensor], where: Pieces, vectors: list[Tens
     return sigma
 
 
-def _all_gather(t: Tensor, group: Any) -> list[Tensor]:
-    COMM_STATS.add(t)
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, t, group=group)
-    return out
-
-
 def _gather_matrices(pieces: list[Tensor], where: Pieces) -> list[Tensor]:
     """The full (m × n) fp32 matrices, all-gathered from every rank's pieces."""
     device = pieces[0].device if pieces else None
     meta = torch.tensor([[s, p.numel()] for s, p in zip(where.starts, pieces)], dtype=torch.int64, device=device)
-    metas = _all_gather(meta.reshape(-1, 2), where.group)
+    metas = all_gather(meta.reshape(-1, 2), where.group)
     sizes = [int(m[:, 1].sum()) for m in metas]
     local = torch.cat(pieces).to(device=device, dtype=torch.float32) if pieces else torch.zeros(0, device=device)
     local = torch.cat([local, local.new_zeros(max(sizes) - local.numel())])
-    chunks = _all_gather(local, where.group)
+    chunks = all_gather(local, where.group)
     fulls = [torch.zeros(m * n, dtype=torch.float32, device=device) for m, n in where.dims]
     for rank_meta, chunk in zip(metas, chunks):
         pos = 0

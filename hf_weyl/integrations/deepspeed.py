@@ -48,7 +48,8 @@ from ..core.functional import (
 )
 from ..core.optimizer import GROUP_INDEX, AdamWeyl, CapStats, register_engine_adapter
 from ..core.power_iteration import initial_vector, vector_length
-from ..distributed.sigma import COMM_STATS, SIGMA_MODES, Pieces, matrix_dims, sharded_sigmas
+from ..distributed.collectives import COMM_STATS, all_reduce_
+from ..distributed.sigma import SIGMA_MODES, Pieces, matrix_dims, sharded_sigmas
 from ..distributed.sigma import comm_bytes_per_step as sigma_comm_bytes
 
 __all__ = [
@@ -58,8 +59,11 @@ __all__ = [
     "TESTED_DEEPSPEED",
     "DeepSpeedZeroAdapter",
     "ZeroLayout",
+    "KEEP_CLIENT_OPTIMIZER",
+    "active_deepspeed_configs",
     "check_active_deepspeed_config",
     "check_deepspeed_config",
+    "keep_client_optimizer_under_offload",
     "comm_bytes_per_step",
     "zero_layout",
 ]
@@ -76,9 +80,9 @@ DEEPSPEED_PRIVATE = {
     "param._hp_mapping": "ZeRO-1/2, BF16 optimizer: the fp32 fragment of a parameter (.hp_fragment, "
     ".hp_fragment_address.start, .lp_fragment_address.start/.numel); None where this rank holds none",
     "param._dp_group": "ZeRO-1/2: the data-parallel group the fragments are spread over",
-    "param._zero_optimizer": "ZeRO-1/2: the ZeRO optimizer (.cpu_offload, .round_robin_gradients)",
+    "param._zero_optimizer": "ZeRO-1/2: the ZeRO optimizer (.round_robin_gradients)",
     "param.ds_id / ds_numel / ds_shape / ds_tensor / ds_process_group / partition_numel()": "ZeRO-3 partitions",
-    "param._z3_optimizer": "ZeRO-3: the stage-3 optimizer (.offload_optimizer)",
+    "param._z3_optimizer": "ZeRO-3: the stage-3 optimizer (.swap_optimizer: NVMe offload)",
     "flat.ds_id": "ZeRO-3: 'first_last' ds_id of the parameters of a flat sub-group",
 }
 
@@ -106,17 +110,40 @@ def _private(obj: Any, name: str, what: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+#: The DeepSpeed config line that keeps a client optimizer under optimizer offload (without it accelerate and the HF
+#: Trainer replace AdamWeyl by DeepSpeedCPUAdam, and bare ``deepspeed.initialize`` refuses it).
+KEEP_CLIENT_OPTIMIZER = '"zero_force_ds_cpu_optimizer": false'
+
+
+def offload_device(config: dict[str, Any]) -> str:
+    """``zero_optimization.offload_optimizer.device`` of a DeepSpeed config ("none" without offload)."""
+    zero = config.get("zero_optimization") or {}
+    device = (zero.get("offload_optimizer") or {}).get("device", "none")
+    return "none" if device is None else str(device).lower()
+
+
+def keeps_client_optimizer(config: dict[str, Any]) -> bool:
+    """Whether the config has ``zero_force_ds_cpu_optimizer: false`` (DeepSpeed's default is true)."""
+    return config.get("zero_force_ds_cpu_optimizer", True) in (False, "false", "False")
+
+
 def check_deepspeed_config(config: dict[str, Any]) -> None:
     """Refuse DeepSpeed configurations AdamWeyl cannot honour (ValueError saying why and what to change)."""
     zero = config.get("zero_optimization") or {}
-    device = (zero.get("offload_optimizer") or {}).get("device", "none")
-    if device not in (None, "none"):
+    device = offload_device(config)
+    if device == "nvme":
         raise ValueError(
-            f"AdamWeyl cannot run with zero_optimization.offload_optimizer.device={device!r}: with optimizer "
-            "offload, accelerate and the HF Trainer replace a client optimizer by DeepSpeedCPUAdam "
-            "(zero_force_ds_cpu_optimizer), which would silently train plain AdamW without the AdamW² cap, and "
-            "the offloaded ZeRO path is untested. Remove 'offload_optimizer' (or set its device to 'none'); "
-            "ZeRO-3 sharding already divides optimizer memory by the number of ranks."
+            "AdamWeyl cannot run with zero_optimization.offload_optimizer.device='nvme': DeepSpeed then swaps optimizer "
+            "state between NVMe and memory around each step by its own bookkeeping, which is untested with AdamWeyl's "
+            "state (the power-iteration vectors of each flat partition). Use offload_optimizer.device 'cpu' with "
+            f"{KEEP_CLIENT_OPTIMIZER} in the DeepSpeed config, or no optimizer offload."
+        )
+    if device != "none" and not keeps_client_optimizer(config):
+        raise ValueError(
+            f"AdamWeyl under zero_optimization.offload_optimizer.device={device!r} needs {KEEP_CLIENT_OPTIMIZER} in the "
+            "DeepSpeed config: without it accelerate and the HF Trainer replace a client optimizer by DeepSpeedCPUAdam "
+            "(plain Adam, no AdamW² cap) and deepspeed.initialize refuses it. Add that line (with optim=\"adamw_weyl\" "
+            "the Trainer adds it for you)."
         )
     if zero.get("round_robin_gradients") in (True, "true"):
         raise ValueError(
@@ -127,25 +154,43 @@ def check_deepspeed_config(config: dict[str, Any]) -> None:
         )
 
 
-def check_active_deepspeed_config() -> None:
-    """Run :func:`check_deepspeed_config` on the DeepSpeed config already announced by the HF Trainer
-    (``TrainingArguments(deepspeed=...)``) or by accelerate (``DeepSpeedPlugin``), if any.
+def keep_client_optimizer_under_offload(config: dict[str, Any]) -> bool:
+    """Set ``zero_force_ds_cpu_optimizer: false`` in a config with CPU optimizer offload that lacks it (what the HF
+    Trainer route does when hf_weyl builds the optimizer); True if it changed the config."""
+    if offload_device(config) == "cpu" and not keeps_client_optimizer(config) \
+            and "zero_force_ds_cpu_optimizer" not in config:
+        config["zero_force_ds_cpu_optimizer"] = False
+        return True
+    return False
 
-    Only libraries that are already imported are consulted (a config can only have been announced
-    through them), so building an ``AdamWeyl`` imports neither accelerate nor DeepSpeed."""
+
+def active_deepspeed_configs() -> list[dict[str, Any]]:
+    """The DeepSpeed configs already announced by the HF Trainer (``TrainingArguments(deepspeed=...)``) or by
+    accelerate (``DeepSpeedPlugin``), as the dicts those libraries read (changes to them are seen by both).
+
+    Only libraries that are already imported are consulted (a config can only have been announced through them),
+    so building an ``AdamWeyl`` imports neither accelerate nor DeepSpeed."""
+    configs = []
     hf_deepspeed = sys.modules.get("transformers.integrations.deepspeed")
     if hf_deepspeed is not None:
         cfg = hf_deepspeed.deepspeed_config()
         if cfg:
-            check_deepspeed_config(cfg)
+            configs.append(cfg)
     accelerate_state = sys.modules.get("accelerate.state")
     if accelerate_state is not None:
         plugins = accelerate_state.AcceleratorState._shared_state.get("deepspeed_plugins")
         if plugins:
             for plugin in plugins.values() if isinstance(plugins, dict) else [plugins]:
                 cfg = getattr(plugin, "deepspeed_config", None)
-                if cfg:
-                    check_deepspeed_config(cfg)
+                if cfg and all(cfg is not c for c in configs):
+                    configs.append(cfg)
+    return configs
+
+
+def check_active_deepspeed_config() -> None:
+    """Run :func:`check_deepspeed_config` on every DeepSpeed config already announced (:func:`active_deepspeed_configs`)."""
+    for cfg in active_deepspeed_configs():
+        check_deepspeed_config(cfg)
 
 
 def _warn_if_untested_version() -> None:
@@ -211,7 +256,7 @@ def _zero12_layout(flat: Tensor, params: list[Tensor]) -> ZeroLayout:
         if not _same_storage(fragment, flat):
             raise RuntimeError(
                 f"AdamWeyl (ZeRO-1/2): the fragment of a parameter of shape {tuple(p.shape)} does not live in the flat "
-                f"partition the optimizer was given (optimizer offload, or DeepSpeed {_deepspeed_version()} changed)"
+                f"partition the optimizer was given (DeepSpeed {_deepspeed_version()} changed its bookkeeping)"
             )
         offsets.append(int(_private(mapping, "hp_fragment_address", "fragment address").start))
         lp_address = _private(mapping, "lp_fragment_address", "fragment address in the parameter")
@@ -258,15 +303,13 @@ def _check_settings(params: list[Tensor], stage: int) -> None:
         z3 = next((p._z3_optimizer for p in params if getattr(p, "_z3_optimizer", None) is not None), None)
         if z3 is None:
             _private(params[0], "_z3_optimizer", "the ZeRO-3 optimizer")  # raises: the setting cannot be read
-        if _private(z3, "offload_optimizer", "ZeRO-3 optimizer offload flag"):  # bare deepspeed.initialize allows it
-            check_deepspeed_config({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+        if _private(z3, "swap_optimizer", "ZeRO-3 NVMe optimizer swapping flag"):  # (CPU offload is supported)
+            check_deepspeed_config({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}})
         return
     # ZeRO-1/2 mark every parameter with a fragment on this rank; DeepSpeed's BF16 optimizer (stage 0)
-    # marks none and has neither offload nor gradient round-robin.
+    # marks none and has neither offload nor gradient round-robin. (CPU optimizer offload is supported.)
     zero_opt = next((p._zero_optimizer for p in params if getattr(p, "_zero_optimizer", None) is not None), None)
     if zero_opt is not None:
-        if _private(zero_opt, "cpu_offload", "ZeRO optimizer offload flag"):
-            check_deepspeed_config({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
         if _private(zero_opt, "round_robin_gradients", "ZeRO gradient round-robin flag"):
             check_deepspeed_config({"zero_optimization": {"round_robin_gradients": True}})
 
@@ -300,7 +343,7 @@ def _verify(layout: ZeroLayout, flat: Tensor) -> None:
             lp = _private(p, "ds_tensor", "ZeRO-3 local partition").detach().reshape(-1).narrow(0, 0, numel)
         else:
             lp = p.detach().reshape(-1).narrow(0, start, numel)
-        if not torch.equal(hp.to(lp.dtype), lp):
+        if not torch.equal(hp.to(device=lp.device, dtype=lp.dtype), lp):  # (offload: hp on the CPU, lp not)
             raise RuntimeError(
                 f"AdamWeyl (ZeRO-{layout.stage}): DeepSpeed's fragment mapping of a parameter of shape "
                 f"{tuple(p.shape)} does not match the fp32 partition (DeepSpeed {_deepspeed_version()}; known with "
@@ -328,8 +371,7 @@ def _vectors(state: dict[str, Any], lengths: list[int], device: torch.device) ->
 
 
 def _all_reduce_max(t: Tensor, group: Any) -> None:
-    COMM_STATS.add(t)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    all_reduce_(t, group, op=dist.ReduceOp.MAX)
 
 
 @torch.no_grad()

@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core.optimizer import AdamWeyl, CapStats, register_engine_adapter
 from ..core.power_iteration import power_iteration_
+from ..distributed.collectives import all_reduce_
 from ..distributed.sigma import Pieces, matrix_dims, sharded_sigmas
 
 __all__ = ["FSDP2Adapter", "fsdp1_flattened", "shard_piece"]
@@ -161,7 +161,7 @@ def _verify(params: list[Any], pieces: list[_Piece]) -> None:
             by_group.setdefault(piece.group, []).append(i)
     for group, idx in by_group.items():
         rows = torch.tensor([pieces[i].rows for i in idx], dtype=torch.int64)
-        dist.all_reduce(rows, group=group)
+        all_reduce_(rows, group)
         for i, total in zip(idx, rows.tolist()):
             if total != pieces[i].dim0:
                 raise RuntimeError(

@@ -3,8 +3,10 @@
 transformers dispatches ``TrainingArguments.optim`` through ``OptimizerNames`` (validated at
 argument parsing) and the handler table ``trainer_optimizer._OPTIMIZER_HANDLERS`` (name → function
 turning ``TrainingArguments`` + ``optim_args`` into optimizer class + kwargs). We add one enum member
-and one handler, and wrap the private ``optim_args`` splitter so that a string it cannot split gets
-our message; no Trainer method is patched. Registration is idempotent.
+and one handler, wrap the private ``optim_args`` splitter so that a string it cannot split gets
+our message, and add :class:`~hf_weyl.integrations.trainer_callback.WeylTrainerCallback` to the Trainer's
+default callbacks (``tau=auto`` from the run's step count, the cap's statistics in the logs; inert for other
+optimizers); no Trainer method is patched. Registration is idempotent.
 
 ``import hf_weyl`` does not import those transformers modules (``transformers.training_args`` imports
 accelerate): it registers when transformers loads them (:func:`register_on_import`).
@@ -13,6 +15,7 @@ accelerate): it registers when transformers loads them (:func:`register_on_impor
 from __future__ import annotations
 
 import importlib.abc
+import logging
 import math
 import sys
 import warnings
@@ -27,13 +30,17 @@ __all__ = [
     "OPTIM_ARGS",
     "OPTIM_NAME",
     "TRAINER_FLAGS",
+    "TRAINER_ONLY_ARGS",
     "attn_implementation",
     "optimizer_kwargs_from_optim_args",
     "register_on_import",
     "register_with_transformers",
+    "trainer_options_from_optim_args",
 ]
 
 OPTIM_NAME = "adamw_weyl"
+
+logger = logging.getLogger(__name__)
 
 #: The transformers version these internals were checked against (tests run on it).
 TESTED_TRANSFORMERS = "5.23"
@@ -60,18 +67,27 @@ def _parse_float(value: str) -> float:
 
 
 def _parse_tau(value: str) -> float | str:
-    """A number, or ``auto``: τ from the Trainer's ``max_steps`` by :func:`hf_weyl.tau_for_steps` (our rule)."""
+    """A number, or ``auto``: τ from the run's total optimizer steps by :func:`hf_weyl.tau_for_steps` (our rule)."""
     return "auto" if value.strip() == "auto" else _parse_float(value)
 
 
-#: The ``AdamWeyl`` options reachable through ``optim_args`` ("key=value,key=value"), with their parsers.
+#: The keys of ``optim_args`` ("key=value,key=value"), with their parsers: ``AdamWeyl`` options, and the
+#: ``TRAINER_ONLY_ARGS``.
 OPTIM_ARGS: dict[str, Callable[[str], Any]] = {
     "tau": _parse_tau,
     "power_iters": _parse_int,
     "cap_vectors": _parse_bool,
     "cold_start_iters": _parse_int,
     "sigma_mode": str.strip,  # DeepSpeed ZeRO: "vector_reduce" or "gather" (checked by AdamWeyl)
+    "log_cap": _parse_bool,  # the cap's statistics in the Trainer's logs (default true)
 }
+
+#: ``optim_args`` keys that configure the Trainer integration (WeylTrainerCallback), not ``AdamWeyl``.
+TRAINER_ONLY_ARGS = ("log_cap",)
+
+#: The τ an epoch-based ``tau=auto`` run's optimizer is built with until WeylTrainerCallback sets the run's τ
+#: at ``on_train_begin``, before the first step (the rule's smallest τ, the paper's GPT value).
+TAU_AUTO_PLACEHOLDER = tau_for_steps(10**9)
 
 #: The other constructor options are TrainingArguments fields; in ``optim_args`` they are refused, naming the
 #: flag (the Trainer writes ``weight_decay`` into every param group, which would beat ours; DeepSpeed's
@@ -112,8 +128,20 @@ def optimizer_kwargs_from_optim_args(optim_args: str | dict[str, str] | None) ->
 
     Malformed entries, duplicate and unknown keys, keys that are TrainingArguments flags, values that do
     not parse and non-finite numbers raise ``ValueError`` naming what was seen and listing the valid keys.
-    Ranges are checked by ``AdamWeyl`` itself when it is constructed.
+    Ranges are checked by ``AdamWeyl`` itself when it is constructed. The ``TRAINER_ONLY_ARGS`` are checked
+    and left out (:func:`trainer_options_from_optim_args`).
     """
+    return {k: v for k, v in _parse_optim_args(optim_args).items() if k not in TRAINER_ONLY_ARGS}
+
+
+def trainer_options_from_optim_args(optim_args: str | dict[str, str] | None) -> dict[str, bool]:
+    """What ``optim_args`` asks of the Trainer integration: ``{"log_cap": ..., "tau_auto": ...}``."""
+    parsed = _parse_optim_args(optim_args)
+    return {"log_cap": parsed.get("log_cap", True), "tau_auto": parsed.get("tau") == "auto"}
+
+
+def _parse_optim_args(optim_args: str | dict[str, str] | None) -> dict[str, Any]:
+    """Every ``optim_args`` key, typed and checked (see :func:`optimizer_kwargs_from_optim_args`)."""
     if not optim_args:
         return {}
     pairs = _split(optim_args) if isinstance(optim_args, str) else dict(optim_args)
@@ -138,21 +166,57 @@ def _get_adamw_weyl(ctx: Any) -> tuple[type, dict[str, Any]]:
     """Handler for ``optim="adamw_weyl"``: the Trainer's lr/betas/eps (+ per-group weight decay), then optim_args.
 
     Parses the raw ``args.optim_args`` string (transformers' split dict has already dropped duplicates).
+    ``tau=auto``: τ from ``--max_steps`` when given; in an epoch-based run the total is the Trainer's, known
+    when training starts: ``TAU_AUTO_PLACEHOLDER`` until WeylTrainerCallback sets it, before the first step.
     """
     raw = getattr(ctx.args, "optim_args", None)
     overrides = optimizer_kwargs_from_optim_args(raw if isinstance(raw, str) else ctx.optim_args)
     if overrides.get("tau") == "auto":
         steps = getattr(ctx.args, "max_steps", -1)
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(
-                f"optim_args for {OPTIM_NAME}: tau=auto derives τ from the run length (hf_weyl.tau_for_steps) and needs "
-                f"--max_steps >= 1, got max_steps={steps!r}; set --max_steps, or give a number (tau=0.01)"
-            )
-        overrides["tau"] = tau_for_steps(steps)
+        overrides["tau"] = tau_for_steps(steps) if isinstance(steps, int) and steps >= 1 else TAU_AUTO_PLACEHOLDER
+    _keep_adamweyl_under_offload()
     kwargs = {**ctx.optimizer_kwargs, **ctx.adam_kwargs, **overrides}
     ctx.optimizer_kwargs.clear()
     ctx.optimizer_kwargs.update(kwargs)
     return AdamWeyl, ctx.optimizer_kwargs
+
+
+def _keep_adamweyl_under_offload() -> None:
+    """Under DeepSpeed CPU optimizer offload, the DeepSpeed config the Trainer announced gets
+    ``zero_force_ds_cpu_optimizer: false`` (one log line), so that accelerate keeps the AdamWeyl built here
+    instead of replacing it by DeepSpeedCPUAdam. Imports nothing that is not already loaded."""
+    if "transformers.integrations.deepspeed" not in sys.modules:
+        return
+    from .deepspeed import KEEP_CLIENT_OPTIMIZER, active_deepspeed_configs, keep_client_optimizer_under_offload
+
+    for config in active_deepspeed_configs():
+        if keep_client_optimizer_under_offload(config):
+            logger.warning(
+                f"hf_weyl: optim={OPTIM_NAME!r} under DeepSpeed optimizer offload: set {KEEP_CLIENT_OPTIMIZER} in the "
+                "DeepSpeed config, so that AdamWeyl (not DeepSpeedCPUAdam) steps the offloaded partitions"
+            )
+
+
+def _refuse_dropped_optimizer(deepspeed_init: Callable[..., Any]) -> Callable[..., Any]:
+    """``transformers.trainer.deepspeed_init``, refusing an ``AdamWeyl`` passed as ``Trainer(optimizers=...)``: transformers
+    sets ``trainer.optimizer = None`` there and builds ``args.optim`` instead, which would train without the cap."""
+    if getattr(deepspeed_init, "_hf_weyl_wrapped", False):
+        return deepspeed_init
+
+    def guarded(trainer: Any, num_training_steps: int, inference: bool = False, **kwargs: Any) -> Any:
+        passed = getattr(trainer, "optimizer", None)
+        if not inference and isinstance(passed, AdamWeyl):
+            raise ValueError(
+                f"Trainer(optimizers=(AdamWeyl(...), ...)) with a DeepSpeed config: transformers drops a passed optimizer "
+                f"under DeepSpeed and builds TrainingArguments.optim={str(getattr(trainer.args, 'optim', '?'))!r} instead, "
+                f"which would not be the AdamWeyl you built. Pass TrainingArguments(optim={OPTIM_NAME!r}, optim_args="
+                "\"tau=...\") and no optimizers=, or use accelerate / deepspeed.initialize directly."
+            )
+        return deepspeed_init(trainer, num_training_steps, inference=inference, **kwargs)
+
+    guarded._hf_weyl_wrapped = True  # type: ignore[attr-defined]
+    guarded.__wrapped__ = deepspeed_init  # type: ignore[attr-defined]
+    return guarded
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,6 +225,10 @@ def _get_adamw_weyl(ctx: Any) -> tuple[type, dict[str, Any]]:
 #   transformers.trainer_optimizer._OPTIMIZER_HANDLERS   optim name → handler (we add ours)
 #   transformers.trainer._parse_optim_args               splits optim_args before any handler runs (wrapped:
 #                                                        only its error message changes)
+#   transformers.trainer.deepspeed_init                  the Trainer's DeepSpeed set-up (wrapped: refuses an
+#                                                        AdamWeyl passed as optimizers=, which it would drop)
+#   transformers.trainer.DEFAULT_CALLBACKS               the callbacks every Trainer starts with, before the
+#                                                        reporting ones (we add WeylTrainerCallback)
 #   PreTrainedConfig._attn_implementation                the monitor's probe pass switches to eager attention
 #                                                        (attn_implementation() below)
 # plus the public OptimizerNames enum, extended through the enum module's own tables (_add_enum_member).
@@ -238,11 +306,30 @@ def _wrap_optim_args_splitter(trainer: ModuleType) -> None:
     trainer._parse_optim_args = _parse_optim_args
 
 
+def _add_default_callback(trainer: ModuleType) -> None:
+    """WeylTrainerCallback among the Trainer's default callbacks: its ``on_log`` runs before the reporters'."""
+    callbacks = _private(trainer, "DEFAULT_CALLBACKS", list)
+    from .trainer_callback import WeylTrainerCallback
+
+    if WeylTrainerCallback not in callbacks:
+        callbacks.append(WeylTrainerCallback)
+
+
+def _wrap_deepspeed_init(trainer: ModuleType) -> None:
+    trainer.deepspeed_init = _refuse_dropped_optimizer(_private(trainer, "deepspeed_init", Callable))
+
+
+def _on_trainer_load(trainer: ModuleType) -> None:
+    _wrap_optim_args_splitter(trainer)
+    _wrap_deepspeed_init(trainer)
+    _add_default_callback(trainer)
+
+
 #: transformers module → what to do once it has loaded (in import order: the enum module comes first).
 _ON_LOAD: dict[str, Callable[[ModuleType], None]] = {
     "transformers.training_args": _register_name,
     "transformers.trainer_optimizer": _register_handler,
-    "transformers.trainer": _wrap_optim_args_splitter,
+    "transformers.trainer": _on_trainer_load,
 }
 
 

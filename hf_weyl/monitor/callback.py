@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 from transformers import TrainerCallback
 
+from ..distributed.collectives import all_reduce_
 from .collect import DEFAULT_SEC_RANKS, collect_metrics
 from .layouts import ModelLayout, resolve_layout
 from .warning import CollapseDetector
@@ -43,7 +44,7 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    all_reduce_(t, None, op=dist.ReduceOp.MAX)  # (on a device the default group's backend takes)
     return bool(t.item())
 
 

@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -257,9 +257,26 @@ def shared_dir(tag):
     return name[0]
 
 
-def check_dcp_resume(kind="gpt2"):
+def check_cpu_offload_equals_no_offload(kind, steps=4):
+    """FSDP2 with ``CPUOffloadPolicy`` (the optimizer steps the CPU shards) ends where FSDP2 without offload does,
+    bit for bit (same shards, same arithmetic), and its stats are the same."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = shard(make_model(kind), kind, mesh)
+    runs = []
+    for policy in ({}, {"offload_policy": CPUOffloadPolicy(pin_memory=False)}):
+        model = shard(make_model(kind), kind, mesh, **policy)
+        opt = make_optimizer(model)
+        train(kind, model, opt, steps)
+        assert opt.last_stats.engine == "fsdp2"
+        runs.append((full_weights(model), stats_by_name(model, opt)))
+    (w0, s0), (w1, s1) = runs
+    assert any(r < 1 for r, *_ in s0.values()), "the cap never bound"
+    assert_equal(w1, w0, what=f"FSDP2 {kind} CPU offload vs none: ")
+    assert s1 == s0, "last_stats differ with CPU offload"
+
+
+def check_dcp_resume(kind="gpt2", **policy):
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = shard(make_model(kind), kind, mesh, **policy)
     opt = make_optimizer(model)
     train(kind, model, opt, 2)
     folder = shared_dir("resume")
@@ -267,7 +284,7 @@ def check_dcp_resume(kind="gpt2"):
     train(kind, model, opt, 2, first_step=2)
     want, want_vectors = full_weights(model), vectors_by_name(model, opt)
 
-    model2 = shard(make_model(kind, seed=123), kind, mesh)  # different init: everything must come from the checkpoint
+    model2 = shard(make_model(kind, seed=123), kind, mesh, **policy)  # different init: all from the checkpoint
     opt2 = make_optimizer(model2)
     load_dcp(model2, opt2, folder)
     train(kind, model2, opt2, 2, first_step=2)
@@ -348,17 +365,21 @@ def check_refuse_shard1():
     expect_error(lambda: make_optimizer(model), "Shard(dim=1)", "shape (1, 4)")
 
 
-def check_accelerate():
-    """accelerate's FSDP2 preparation (``Accelerator.prepare``: fully_shard + the optimizer's parameter swap).
-    accelerate drops FSDP on a CPU-only machine, so the state is set to FSDP2 by hand after start-up."""
+def check_accelerate(cpu_offload=False):
+    """accelerate's FSDP2 preparation (``Accelerator.prepare``: fully_shard + the optimizer's parameter swap), with
+    the plugin's ``cpu_offload`` or without. accelerate drops FSDP on a CPU-only machine, so the state is set to
+    FSDP2 by hand after start-up."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    AcceleratorState._reset_state(True)
     accelerator = Accelerator()
     state = AcceleratorState()
     state.distributed_type = DistributedType.FSDP
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_offload=cpu_offload)
+    if cpu_offload:
+        assert isinstance(state.fsdp_plugin.cpu_offload, CPUOffloadPolicy), state.fsdp_plugin.cpu_offload
     assert accelerator.is_fsdp2
     kind = "net"
     model = make_model(kind)
@@ -372,6 +393,8 @@ def check_accelerate():
         opt.zero_grad()
     ref_model, ref_opt = reference(kind, 4)
     assert unwrap_adamweyl(opt).last_stats.engine == "fsdp2"
+    if cpu_offload:  # (every tensor is on the CPU on this machine: what changes is FSDP2's offload bookkeeping)
+        assert unwrap_adamweyl(opt).param_groups[0]["params"][0].to_local().device.type == "cpu"
     assert_close(full_weights(model), dict(ref_model.named_parameters()), what="accelerate FSDP2: ")
     compare_stats(stats_by_name(model, opt), stats_by_name(ref_model, ref_opt), 1e-5, "accelerate FSDP2: ")
 
@@ -482,12 +505,16 @@ CHECKS = {
     "bf16_gpt2": lambda: check_bf16("gpt2"),
     "bf16_net": lambda: check_bf16("net", steps=6),
     "dcp_resume_bit_identical": check_dcp_resume,
+    **{f"cpu_offload_{k}": (lambda k=k: check_cpu_offload_equals_no_offload(k)) for k in ("gpt2", "net")},
+    "cpu_offload_dcp_resume_bit_identical": lambda: check_dcp_resume(offload_policy=CPUOffloadPolicy(pin_memory=False)),
     "layouts": check_layouts,
     "refuse_fsdp1_orig_params": lambda: check_refuse_fsdp1(True),
     "refuse_fsdp1_flat_params": lambda: check_refuse_fsdp1(False),
     "refuse_shard1_placement": check_refuse_shard1,
     **{f"comm_formula_{m}": (lambda m=m: check_comm_formula(m)) for m in ("vector_reduce", "gather")},
-    "accelerate_fsdp2": check_accelerate,  # last: it creates accelerate's global state
+    "accelerate_fsdp2": check_accelerate,  # last: they create accelerate's global state
+    # (pinned memory needs an accelerator: the plugin's cpu_offload=True means pin_memory=True)
+    "accelerate_fsdp2_cpu_offload": lambda: check_accelerate(cpu_offload=CPUOffloadPolicy(pin_memory=False)),
 }
 
 

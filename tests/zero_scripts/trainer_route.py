@@ -3,8 +3,10 @@
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/zero_scripts/trainer_route.py OUT.json
 
 Trains the same tiny model with each σ mode under ZeRO-2 and with vector_reduce under ZeRO-3: all end
-with the same weights (the σ's agree), and differ from plain AdamW (the cap binds). A config with
-optimizer offload must be refused when the Trainer builds the optimizer.
+with the same weights (the σ's agree), and differ from plain AdamW (the cap binds). Under CPU optimizer
+offload the Trainer adds ``zero_force_ds_cpu_optimizer: false`` for the AdamWeyl it builds, which then ends
+where ZeRO-2 without offload did; a config that sets it true is refused when the optimizer is built. An
+AdamWeyl passed as ``optimizers=`` (which transformers drops under DeepSpeed) is refused when training starts.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import PretrainedConfig, Trainer, TrainingArguments
 
-import hf_weyl  # noqa: F401  registers optim="adamw_weyl"
+import hf_weyl  # registers optim="adamw_weyl"
 from hf_weyl import unwrap_adamweyl
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
@@ -54,7 +56,11 @@ class Data(torch.utils.data.Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
-def train(config, optim="adamw_weyl", optim_args=None):
+def train(config, optim="adamw_weyl", optim_args=None, optimizer_before=None):
+    """``optimizer_before(model)``: an optimizer built before the TrainingArguments announce the DeepSpeed config,
+    passed as ``Trainer(optimizers=(opt, None))``."""
+    model = Net()
+    optimizer = optimizer_before(model) if optimizer_before is not None else None
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="hf_weyl_trainer_"),
         per_device_train_batch_size=4,
@@ -74,8 +80,7 @@ def train(config, optim="adamw_weyl", optim_args=None):
         remove_unused_columns=False,
         use_cpu=True,  # CPU-only CI: accelerate sets up gloo; on GPUs drop this
     )
-    model = Net()
-    trainer = Trainer(model=model, args=args, train_dataset=Data())
+    trainer = Trainer(model=model, args=args, train_dataset=Data(), optimizers=(optimizer, None))
     trainer.train()
     params = list(trainer.model_wrapped.module.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in params]):
@@ -122,16 +127,46 @@ def main():
 
     run("trainer_routes_agree", agree)
 
-    def refuse_offload():
-        cfg = json.loads((CONFIGS / "ds_zero2.json").read_text())
-        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    def refuse_offload():  # a user who set zero_force_ds_cpu_optimizer: true is not overridden
+        cfg = offload_config()
+        cfg["zero_force_ds_cpu_optimizer"] = True
         try:
             train(cfg)
         except ValueError as err:
-            assert "offload_optimizer" in str(err), str(err)
+            assert "zero_force_ds_cpu_optimizer" in str(err), str(err)
             return
-        raise AssertionError("optimizer offload was not refused")
+        raise AssertionError("optimizer offload with zero_force_ds_cpu_optimizer: true was not refused")
 
+    def offload_config():
+        cfg = json.loads((CONFIGS / "ds_zero2.json").read_text())
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        return cfg
+
+    def adamweyl(model):
+        return hf_weyl.AdamWeyl(model.parameters(), lr=0.05, tau=0.01)
+
+    def optimizers_dropped(config):  # AdamWeyl passed as optimizers=: transformers would drop it under DeepSpeed
+        try:
+            train(config, optim="adamw_torch", optimizer_before=adamweyl)
+        except ValueError as err:
+            assert "drops a passed optimizer" in str(err) and "optim='adamw_weyl'" in str(err), str(err)
+            return
+        raise AssertionError("Trainer(optimizers=(AdamWeyl, None)) under DeepSpeed trained another optimizer")
+
+    def offload_route(pin_memory):  # optim="adamw_weyl" under CPU offload: the keep line arranged, AdamWeyl steps
+        cfg = offload_config()
+        cfg["zero_optimization"]["offload_optimizer"]["pin_memory"] = pin_memory
+        trainer, weights = train(cfg, optim_args="tau=0.01")
+        opt = unwrap_adamweyl(trainer.optimizer)
+        assert opt is not None, f"the Trainer's optimizer is {type(trainer.optimizer)}, not AdamWeyl"
+        assert opt.last_stats is not None and opt.last_stats.engine == "deepspeed_zero", "AdamWeyl's ZeRO path did not run"
+        assert trainer.accelerator.state.deepspeed_plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] is False
+        assert close(weights, runs[(2, "vector_reduce")]), "ZeRO-2 with offload ended elsewhere than without"
+
+    run("trainer_optimizers_passed_refused", lambda: optimizers_dropped(str(CONFIGS / "ds_zero2.json")))
+    run("trainer_optimizers_passed_offload_refused", lambda: optimizers_dropped(offload_config()))
+    run("trainer_zero2_offload", lambda: offload_route(False))
+    run("trainer_zero2_offload_pinned", lambda: offload_route(True))
     run("trainer_refuses_offload", refuse_offload)
 
     gathered = [None] * dist.get_world_size()

@@ -151,8 +151,13 @@ def assert_close(got, want, rtol=1e-6, atol=1e-7, what=""):
             raise AssertionError(f"{what}{name}: max relative difference {float(err):.3g}")
 
 
-def check_equal(stage, mode, steps=3):
-    engine = make_engine(stage, mode)
+#: CPU optimizer offload as AdamWeyl runs under it (``zero_force_ds_cpu_optimizer: false`` keeps the client optimizer).
+def offload(pin_memory=False):
+    return {"zero": {"offload_optimizer": {"device": "cpu", "pin_memory": pin_memory}}, "zero_force_ds_cpu_optimizer": False}
+
+
+def check_equal(stage, mode, steps=3, **cfg):
+    engine = make_engine(stage, mode, **cfg)
     train_ds(engine, steps)
     ref_model, ref_opt = reference(steps)
     got = full_weights(engine, stage)
@@ -213,9 +218,9 @@ def check_equal_bf16(stage, steps=3, tol=2e-2):
             assert abs(a - b) <= tol * abs(a) + 1e-6, f"{name} {what}: single {a} vs ZeRO-{stage} bf16 {b}"
 
 
-def check_resume(stage):
+def check_resume(stage, **cfg):
     ckpt = os.path.join(tempfile.gettempdir(), f"hf_weyl_zero_resume_{stage}_{os.environ.get('MASTER_PORT', '0')}")
-    engine = make_engine(stage)
+    engine = make_engine(stage, **cfg)
     train_ds(engine, 2)
     engine.save_checkpoint(ckpt, tag="t2")
     train_ds(engine, 2, first_step=2)
@@ -223,7 +228,7 @@ def check_resume(stage):
     want_vectors = [
         s["zero_weyl"]["vectors"].clone() for s in unwrap_adamweyl(engine.optimizer).state.values() if "zero_weyl" in s
     ]
-    engine2 = make_engine(stage, seed=123)  # different init: everything must come from the checkpoint
+    engine2 = make_engine(stage, seed=123, **cfg)  # different init: everything must come from the checkpoint
     engine2.load_checkpoint(ckpt, tag="t2")
     train_ds(engine2, 2, first_step=2)
     got = full_weights(engine2, stage)
@@ -257,11 +262,28 @@ def check_inf_one_rank(stage, ds_skips=True, **cfg):
     assert any(not torch.equal(final[n], after[n]) for n in final), "training did not continue after the skip"
 
 
+def check_offload_equals_no_offload(stage, steps=3, **cfg):
+    """The same ZeRO stage with and without CPU optimizer offload ends with the same weights and stats."""
+    runs = []
+    for extra in ({}, offload()):
+        engine = make_engine(stage, **{**cfg, **extra})
+        train_ds(engine, steps)
+        weyl = unwrap_adamweyl(engine.optimizer)
+        assert weyl.last_stats is not None and weyl.last_stats.engine == "deepspeed_zero"
+        runs.append((full_weights(engine, stage), stats_by_name(engine.module, engine.optimizer)))
+    (w0, s0), (w1, s1) = runs
+    assert any(r < 1 for r, *_ in s0.values()), "the cap never bound"
+    tol = 1e-6
+    assert_close(w1, w0, rtol=tol, atol=tol * 0.1, what=f"ZeRO-{stage} offload vs no offload {cfg} ")
+    for name in s0:
+        assert abs(s0[name][0] - s1[name][0]) <= tol * 10, f"{name} lr ratio {s0[name][0]} vs {s1[name][0]}"
+
+
 def check_refuses(stage, needle, **cfg):
     try:
         engine = make_engine(stage, **cfg)
         train_ds(engine, 1)
-    except (ValueError, RuntimeError) as err:
+    except Exception as err:  # (DeepSpeed's own refusals are ZeRORuntimeException)
         if needle not in str(err):
             raise AssertionError(f"wrong error for {cfg}: {err}") from err
         return
@@ -362,11 +384,15 @@ CHECKS = {
     "inf_one_rank_zero3_fp32": lambda: check_inf_one_rank(3),
     **{f"layouts_zero{s}": (lambda s=s: check_layouts(s)) for s in (1, 2, 3)},
     "refuse_round_robin": lambda: check_refuses(2, "round_robin_gradients", zero={"round_robin_gradients": True}),
-    "refuse_offload": lambda: check_refuses(
-        2, "offload_optimizer", zero={"offload_optimizer": {"device": "cpu"}}, zero_force_ds_cpu_optimizer=False
-    ),
-    "refuse_offload_zero3": lambda: check_refuses(
-        3, "offload_optimizer", zero={"offload_optimizer": {"device": "cpu"}}, zero_force_ds_cpu_optimizer=False
+    **{f"offload_zero{s}{pin}": (lambda s=s, pin=pin: check_equal(s, "vector_reduce", **offload(pin == "_pinned")))
+       for s in (1, 2, 3) for pin in ("", "_pinned")},
+    "offload_zero2_gather": lambda: check_equal(2, "gather", **offload()),
+    **{f"offload_equals_no_offload_zero{s}": (lambda s=s: check_offload_equals_no_offload(s)) for s in (2, 3)},
+    "offload_equals_no_offload_zero2_bf16": lambda: check_offload_equals_no_offload(2, bf16={"enabled": True}),
+    "resume_offload_zero2": lambda: check_resume(2, **offload()),
+    "resume_offload_zero3": lambda: check_resume(3, **offload(True)),
+    "refuse_offload_without_keep_line": lambda: check_refuses(  # DeepSpeed's own refusal of a client optimizer
+        2, "zero_force_ds_cpu_optimizer", zero={"offload_optimizer": {"device": "cpu"}}
     ),
     "accelerate_zero2": check_accelerate,  # last: they create accelerate's global state
     "accelerate_offload_swap_refused": check_accelerate_offload_swap_refused,

@@ -1,0 +1,86 @@
+"""The collectives of AdamW²'s distributed step, on a device the process group's backend takes.
+
+Under optimizer offload (DeepSpeed ZeRO-Offload, FSDP2's ``CPUOffloadPolicy``) the weights, gradients and
+power-iteration vectors the optimizer steps live on the CPU while the process group is usually NCCL, which
+takes CUDA tensors only. Every collective here asks the group's backend which devices it serves (torch's
+``Backend.backend_capability``; a multi-device backend string such as ``"cpu:gloo,cuda:nccl"`` serves the
+devices it names) and, for a CPU tensor it cannot take, reduces a copy on the current accelerator and copies
+the result back — a few KiB of vectors per power iteration, not matrices. The decision depends only on the
+backend and the tensor's device, which are the same on every rank, so every rank makes the same calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["COMM_STATS", "all_gather", "all_reduce_", "collective_device"]
+
+
+class _Comm:
+    """Payload bytes this process handed to the σ collectives (for benchmarks)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.calls = 0
+
+    def add(self, t: Tensor) -> None:
+        self.bytes += t.numel() * t.element_size()
+        self.calls += 1
+
+    def reset(self) -> None:
+        self.bytes = 0
+        self.calls = 0
+
+
+COMM_STATS = _Comm()
+
+
+def _served_devices(group: Any) -> set[str]:
+    """The device types the backend of ``group`` runs collectives on."""
+    backend = str(dist.get_backend(group))
+    if ":" in backend:  # "cpu:gloo,cuda:nccl"
+        return {part.split(":", 1)[0].strip() for part in backend.split(",") if ":" in part}
+    capability = getattr(dist.Backend, "backend_capability", {})
+    return set(capability.get(backend.lower(), ["cpu", "cuda"]))  # a backend torch does not know: as gloo
+
+
+def collective_device(t: Tensor, group: Any) -> torch.device:
+    """Where a collective on ``t`` runs: ``t``'s own device if the group's backend serves it, else (a CPU tensor
+    on an accelerator-only backend such as NCCL) the current accelerator; raises if there is none."""
+    if t.device.type in _served_devices(group):
+        return t.device
+    accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    if accelerator is None or accelerator.type not in _served_devices(group):
+        raise RuntimeError(
+            f"AdamWeyl: the process group's backend {dist.get_backend(group)!r} takes no {t.device.type} tensors and "
+            "no accelerator it serves is available for the σ collectives; initialise the process group with a "
+            "backend for both devices (e.g. torch.distributed.init_process_group('cpu:gloo,cuda:nccl'))"
+        )
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
+def all_reduce_(t: Tensor, group: Any, op: Any = None) -> None:
+    """``dist.all_reduce`` of ``t`` in place (sum unless ``op``), on a device the group's backend takes."""
+    COMM_STATS.add(t)
+    op = dist.ReduceOp.SUM if op is None else op
+    device = collective_device(t, group)
+    if device == t.device:
+        dist.all_reduce(t, op=op, group=group)
+        return
+    moved = t.to(device)
+    dist.all_reduce(moved, op=op, group=group)
+    t.copy_(moved)
+
+
+def all_gather(t: Tensor, group: Any) -> list[Tensor]:
+    """``dist.all_gather`` of ``t`` from every rank of ``group`` (results on ``t``'s device)."""
+    COMM_STATS.add(t)
+    device = collective_device(t, group)
+    moved = t.to(device)
+    out = [torch.empty_like(moved) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, moved, group=group)
+    return out if device == t.device else [o.to(t.device) for o in out]
