@@ -11,7 +11,9 @@ augmentations need torchvision; transformers' ViT has no stochastic depth, so th
 
 ``ILSVRC/imagenet-1k`` is gated: accept its terms on the Hub and pass a token. Offline: ``--preset
 tiny`` (a small ViT on scikit-learn's digits, written as an imagefolder) uses the same data path.
-The baseline: ``--optimizer adamw --warmup_steps N``.
+The baseline: ``--optimizer adamw --warmup_steps N``. ``--tau auto``: τ from the run's total optimizer steps,
+``hf_weyl.tau_for_steps`` = clamp(30 / steps, 0.01, 0.03) — hf_weyl's rule, measured on small presets; the paper's
+ViT τ is 0.004.
 """
 
 from __future__ import annotations
@@ -31,17 +33,17 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, ViTForImageClassification
 
 from hf_weyl.recipe import hub, presets
-from hf_weyl.recipe.cli import add_training_args, check_training_args, make_parser
+from hf_weyl.recipe.cli import add_training_args, check_training_args, make_parser, parse_with_train_length
 from hf_weyl.recipe.data import first_rows, image_transform, load_image_datasets, require_rows
 from hf_weyl.recipe.errors import loading, user_errors
 from hf_weyl.recipe.metrics import load_metric
-from hf_weyl.recipe.model_card import CardMetric, render_model_card, training_hyperparameters
+from hf_weyl.recipe.model_card import CardMetric, diverged_reason, render_model_card, training_hyperparameters
 from hf_weyl.recipe.output import reproduce_commands, save_hub_folder
 from hf_weyl.recipe.run import Run, prepare_output_dir
 from hf_weyl.recipe.tracking import (
-    TrainLog, cap_statistics, check_monitor_supported, monitor_probe, monitor_statistics,
+    CapLog, TrainLog, check_monitor_supported, monitor_probe, monitor_statistics,
 )
-from hf_weyl.recipe.training import build_optimizer, build_scheduler, make_accelerator
+from hf_weyl.recipe.training import build_optimizer, build_scheduler, make_accelerator, unwrap_model
 
 RECIPE = "finetune_vit_imagenet"
 logger = get_logger(__name__)
@@ -83,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**FROM_SCRATCH)
     if known.preset is not None:
         parser.set_defaults(**PRESETS[known.preset], dataset_name=None)
-    args = parser.parse_args(argv)
+    args = parse_with_train_length(parser, argv)  # --max_train_steps given wins, else --num_train_epochs given
     args.argv = argv
     check_training_args(parser, args)
     if args.train_dir is not None:
@@ -200,12 +202,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         steps_per_epoch = -(-len(train_dataloader) // (args.gradient_accumulation_steps * accelerator.num_processes))
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
 
+    run.resolve_tau(accelerator, args)  # --tau auto: τ from the run's total optimizer steps, before the first step
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, accelerator.num_processes)
     model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, scheduler
     )
     log = TrainLog(args.argv)  # step counter and history, saved in every checkpoint
+    cap = CapLog(optimizer)  # the AdamW² cap's statistics over each logging interval, on the device until logged
     accelerator.register_for_checkpointing(log)
     if run.checkpoint is not None:
         run.resume(accelerator, model, optimizer, scheduler, log)
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:  # accumulating: no optimizer step yet
                 continue
+            cap.update()
             log.completed_steps += 1
             step = log.completed_steps
             progress.update(1)
@@ -272,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if step % args.logging_steps == 0 or last or save_now:  # a checkpoint ends a logging interval (exact resume)
                 lr = scheduler.get_last_lr()[0]
                 values = {"train_loss": accelerator.reduce(loss_sum / loss_count, reduction="mean").item(), "lr": lr,
-                          "epoch": epoch, **cap_statistics(optimizer, lr)}
+                          "epoch": epoch, **cap.read(lr)}
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
                 loss_sum.zero_()
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 if args.with_tracking:
                     accelerator.log(values, step=step)
             if args.monitor_steps and (step % args.monitor_steps == 0 or step == 1 or last):
-                values = monitor_statistics(accelerator.unwrap_model(model), probe)
+                values = monitor_statistics(unwrap_model(accelerator, model), probe)
                 log.record(values)
                 if args.with_tracking:
                     accelerator.log(values, step=step)
@@ -303,12 +308,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # The Hub-ready folder: weights, image processor, results, log, plots and the model card.
     results = {"accuracy": log.last("accuracy"), "eval_loss": log.last("eval_loss"), "step": log.completed_steps,
                "train_loss": log.last("train_loss"), "optimizer": args.optimizer, "warmup_steps": args.warmup_steps,
-               "tau": args.tau if args.optimizer == "adamw_weyl" else None}
+               "tau": args.tau if args.optimizer == "adamw_weyl" else None,
+               "tau_auto_steps": getattr(args, "tau_auto_steps", None)}
     dataset_id = "sklearn-digits" if args.preset == "tiny" else (args.dataset_name or "local-imagefolder")
     base_model = None if (args.preset or args.from_scratch) else args.model_name_or_path
     model_name = f"{'tiny-' if args.preset else ''}vit-{dataset_id.split('/')[-1]}-{args.optimizer}"
     how = "trained from scratch" if base_model is None else f"fine-tuned from `{base_model}`"
-    config = accelerator.unwrap_model(model).config
+    config = unwrap_model(accelerator, model).config
+    metrics = [CardMetric("accuracy", "top-1 accuracy", results["accuracy"]),
+               CardMetric("loss", "validation loss", results["eval_loss"])]
 
     def card(plots):
         return render_model_card(
@@ -318,8 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                      f"({len(labels)} classes) for {log.completed_steps} optimizer steps."),
             task_type="image-classification", task_name="Image classification", dataset_id=dataset_id,
             dataset_name=dataset_id, pipeline_tag="image-classification", tags=["vit"], base_model=base_model,
-            metrics=[CardMetric("accuracy", "top-1 accuracy", results["accuracy"]),
-                     CardMetric("loss", "validation loss", results["eval_loss"])],
+            metrics=metrics,
             hyperparameters={**training_hyperparameters(args, accelerator.num_processes, changes=log.changes()),
                              "label smoothing": args.label_smoothing, "RandAugment": args.randaugment,
                              "mixup α": args.mixup_alpha, "cutmix α": args.cutmix_alpha},
@@ -329,7 +336,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     save_hub_folder(accelerator, model, processor, args, log, results, card)
     accelerator.print(f"Top-1 accuracy {results['accuracy']:.4f}; Hub-ready folder: {args.output_dir}")
-    hub.push_run(accelerator, args)
+    if diverged_reason(metrics):  # the card says so and reports no results; --push_to_hub refuses it
+        accelerator.print(f"warning: training {diverged_reason(metrics)}; the card reports no results")
+    hub.push_run(accelerator, args, results)  # a diverged run (NaN or inf results) is refused, its folder kept
     return results
 
 

@@ -11,7 +11,8 @@ accelerate config (recipes/configs/*.yaml).
 
 Offline, on a laptop: ``--preset tiny`` (a 2-layer GPT-2 on the Python standard library's sources,
 with a byte-level BPE tokenizer trained on them) goes through the same data path on local files.
-The baseline: ``--optimizer adamw --warmup_steps 2000``.
+The baseline: ``--optimizer adamw --warmup_steps 2000``. ``--tau auto``: τ from the run's total optimizer
+steps, ``hf_weyl.tau_for_steps`` = clamp(30 / steps, 0.01, 0.03) (0.03 for the preset's 300 steps).
 """
 
 from __future__ import annotations
@@ -30,17 +31,17 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from hf_weyl.recipe import hub, presets
-from hf_weyl.recipe.cli import add_training_args, check_training_args, make_parser
+from hf_weyl.recipe.cli import TAU_AUTO, add_training_args, check_training_args, make_parser, parse_with_train_length
 from hf_weyl.recipe.data import first_rows, load_text_datasets, pack_text, require_rows
 from hf_weyl.recipe.errors import loading, user_errors
 from hf_weyl.recipe.metrics import load_metric
-from hf_weyl.recipe.model_card import CardMetric, render_model_card, training_hyperparameters
+from hf_weyl.recipe.model_card import CardMetric, diverged_reason, render_model_card, training_hyperparameters
 from hf_weyl.recipe.output import reproduce_commands, save_hub_folder
 from hf_weyl.recipe.run import Run, prepare_output_dir
 from hf_weyl.recipe.tracking import (
-    TrainLog, cap_statistics, check_monitor_supported, monitor_probe, monitor_statistics,
+    CapLog, TrainLog, check_monitor_supported, monitor_probe, monitor_statistics,
 )
-from hf_weyl.recipe.training import build_optimizer, build_scheduler, make_accelerator
+from hf_weyl.recipe.training import build_optimizer, build_scheduler, make_accelerator, unwrap_model
 
 RECIPE = "pretrain_gpt2_openwebtext"
 logger = get_logger(__name__)
@@ -76,9 +77,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     preset = parser.parse_known_args(argv)[0].preset
     if preset is not None:
         parser.set_defaults(**PRESETS[preset], dataset_name=None)
-    args = parser.parse_args(argv)
+    args = parse_with_train_length(parser, argv)  # --max_train_steps given wins, else --num_train_epochs given
     args.argv = argv
     check_training_args(parser, args)
+    if args.max_train_steps is None and args.streaming:
+        if args.tau == TAU_AUTO and args.optimizer == "adamw_weyl":
+            parser.error(f"--tau {TAU_AUTO} takes τ from the run's total optimizer steps, but a streamed dataset has no "
+                         f"length, so --num_train_epochs {args.num_train_epochs} cannot be counted in steps; give "
+                         "--max_train_steps (or a number for --tau)")
+        parser.error(f"--num_train_epochs {args.num_train_epochs}: a streamed dataset has no length, so epochs cannot "
+                     "be counted in steps; give --max_train_steps")
     if args.train_file is not None:
         args.dataset_name = None
         if args.preset is not None:
@@ -163,13 +171,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_dataloader = DataLoader(splits["train"], shuffle=not args.streaming, collate_fn=collate,
                                   batch_size=args.per_device_train_batch_size, drop_last=True)
     eval_dataloader = DataLoader(eval_dataset, collate_fn=collate, batch_size=args.per_device_eval_batch_size)
+    if args.max_train_steps is None:  # --num_train_epochs without --max_train_steps: epochs × steps per epoch
+        # per process, accelerate's sharded loader has len // processes batches (drop_last); the epoch's end syncs
+        batches_per_process = len(train_dataloader) // accelerator.num_processes
+        args.max_train_steps = args.num_train_epochs * math.ceil(batches_per_process / args.gradient_accumulation_steps)
 
+    run.resolve_tau(accelerator, args)  # --tau auto: τ from the run's total optimizer steps, before the first step
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, accelerator.num_processes)
     model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, scheduler
     )
     log = TrainLog(args.argv)  # step counter and history, saved in every checkpoint
+    cap = CapLog(optimizer)  # the AdamW² cap's statistics over each logging interval, on the device until logged
     accelerator.register_for_checkpointing(log)
     if run.checkpoint is not None:
         run.resume(accelerator, model, optimizer, scheduler, log)
@@ -223,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:  # accumulating: no optimizer step yet
                 continue
+            cap.update()
             log.completed_steps += 1
             step = log.completed_steps
             progress.update(1)
@@ -232,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if step % args.logging_steps == 0 or last or save_now:  # a checkpoint ends a logging interval (exact resume)
                 lr = scheduler.get_last_lr()[0]
                 values = {"train_loss": accelerator.reduce(loss_sum / loss_count, reduction="mean").item(), "lr": lr,
-                          "epoch": epoch, **cap_statistics(optimizer, lr)}
+                          "epoch": epoch, **cap.read(lr)}
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
                 loss_sum.zero_()
@@ -242,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 if args.with_tracking:
                     accelerator.log(values, step=step)
             if args.monitor_steps and (step % args.monitor_steps == 0 or step == 1 or last):
-                values = monitor_statistics(accelerator.unwrap_model(model), probe)
+                values = monitor_statistics(unwrap_model(accelerator, model), probe)
                 log.record(values)
                 if args.with_tracking:
                     accelerator.log(values, step=step)
@@ -263,10 +278,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # The Hub-ready folder: weights, tokenizer, results, log, plots and the model card.
     results = {"eval_loss": log.last("eval_loss"), "perplexity": log.last("perplexity"),
                "train_loss": log.last("train_loss"), "step": log.completed_steps, "optimizer": args.optimizer,
-               "warmup_steps": args.warmup_steps, "tau": args.tau if args.optimizer == "adamw_weyl" else None}
+               "warmup_steps": args.warmup_steps, "tau": args.tau if args.optimizer == "adamw_weyl" else None,
+               "tau_auto_steps": getattr(args, "tau_auto_steps", None)}
     dataset_id = "python-stdlib-sources" if args.preset == "tiny" else (args.dataset_name or "local-text")
     model_name = f"{'tiny-' if args.preset else ''}gpt2-{dataset_id.split('/')[-1]}-{args.optimizer}"
-    config = accelerator.unwrap_model(model).config
+    config = unwrap_model(accelerator, model).config
+    metrics = [CardMetric("loss", "validation loss", results["eval_loss"]),
+               CardMetric("perplexity", "validation perplexity", results["perplexity"])]
 
     def card(plots):
         return render_model_card(
@@ -277,8 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                      f"for {log.completed_steps} optimizer steps."),
             task_type="text-generation", task_name="Causal language modeling", dataset_id=dataset_id,
             dataset_name=dataset_id, pipeline_tag="text-generation", tags=["gpt2"],
-            metrics=[CardMetric("loss", "validation loss", results["eval_loss"]),
-                     CardMetric("perplexity", "validation perplexity", results["perplexity"])],
+            metrics=metrics,
             hyperparameters=training_hyperparameters(args, accelerator.num_processes, tokens_per_example=args.block_size,
                                                      changes=log.changes()),
             plots=plots, reproduce_command=reproduce_commands(f"recipes/{RECIPE}.py", log, args.output_dir),
@@ -288,7 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     save_hub_folder(accelerator, model, tokenizer, args, log, results, card)
     accelerator.print(f"Validation loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f}; "
                       f"Hub-ready folder: {args.output_dir}")
-    hub.push_run(accelerator, args)
+    if diverged_reason(metrics):  # the card says so and reports no results; --push_to_hub refuses it
+        accelerator.print(f"warning: training {diverged_reason(metrics)}; the card reports no results")
+    hub.push_run(accelerator, args, results)  # a diverged run (NaN or inf results) is refused, its folder kept
     return results
 
 

@@ -42,12 +42,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..core.cpu_kernel import cpu_kernel, kernel_disabled
 from ..core.functional import (
-    FRESH_STEPS, adam_direction, adam_moments_, apply_capped_update_, cap_ratio, fused_direction,
+    FRESH_STEPS, adam_direction, adam_moments_, advance_steps_, apply_capped_update_, cap_ratio, fused_direction,
     fused_direction_applies, is_capped, power_iters_for,
 )
 from ..core.optimizer import GROUP_INDEX, AdamWeyl, CapStats, register_engine_adapter
-from ..core.power_iteration import initial_vector, vector_length
+from ..core.power_iteration import Segments, initial_vector, power_steps_, vector_length
 from ..distributed.collectives import COMM_STATS, all_reduce_
 from ..distributed.sigma import SIGMA_MODES, Pieces, matrix_dims, sharded_sigmas
 from ..distributed.sigma import comm_bytes_per_step as sigma_comm_bytes
@@ -398,6 +399,11 @@ def zero_step(optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor, layout: 
     state["step"] = torch.as_tensor(state.get("step", 0.0), dtype=torch.float32, device="cpu").clone()
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
+    kernel = _piece_kernel(flat, group)
+    if kernel is not None:
+        stats = _fused_zero_step(kernel, optimizer, group, flat, layout)
+        if stats is not None:
+            return stats
     moments = [grad], [state["exp_avg"]], [state["exp_avg_sq"]]
     if fused_direction_applies([flat], *moments):  # CPU: moments and U in one pass of torch's fused AdamW kernel
         (direction,) = fused_direction(optimizer._work, *moments, [state["step"]], beta1=beta1, beta2=beta2,
@@ -452,6 +458,95 @@ def zero_step(optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor, layout: 
             seg_w, seg_u, torch.cat(seg_ratio), [scale] * len(seg_w), lr=lr, weight_decay=group["weight_decay"]
         )
     return CapStats(layout.params, ratio, sigma_w, sigma_u, capped_t, engine=DeepSpeedZeroAdapter.name)
+
+
+def _piece_kernel(flat: Tensor, group: dict[str, Any]) -> Any | None:
+    """The fused CPU kernel for this partition's warm steps: fp32 on the CPU (ZeRO-Offload, or CPU ranks),
+    ``vector_reduce``, the kernels not switched off (``HF_WEYL_CPU_KERNEL=0``), and built."""
+    if flat.device.type != "cpu" or flat.dtype != torch.float32 or group["sigma_mode"] != "vector_reduce":
+        return None
+    if kernel_disabled() or flat.grad is None or flat.grad.dtype != torch.float32 or not flat.grad.is_contiguous():
+        return None
+    return cpu_kernel()
+
+
+def _fused_zero_step(kernel: Any, optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor,
+                     layout: ZeroLayout) -> CapStats | None:
+    """The warm step of a flat CPU partition in three passes of ``csrc/weyl_cpu.cpp`` (``pieces_pass1``, ``pieces_pass2``,
+    ``pieces_update``) with one all-reduce of the partial products after each of the first two: what the
+    single-process fused step costs, plus two vector all-reduces. None (nothing done) where it does not apply:
+    steps that need more than one power iteration (cold vectors, the first ``FRESH_STEPS``, ``power_iters`` > 1)
+    take the eager step. Equal to the eager step to float rounding."""
+    state = optimizer.state[flat]
+    capped = [is_capped(s, group["cap_vectors"]) for s in layout.shapes]
+    idx = [i for i, c in enumerate(capped) if c]
+    if not idx or "exp_avg" not in state:
+        return None
+    lengths = [vector_length(layout.shapes[i]) for i in idx]
+    saved = state.get(VECTORS_KEY)
+    cold = not (isinstance(saved, dict) and [int(k) for k in saved.get("lengths", ())] == lengths)
+    fresh = float(state["step"]) + 1 <= FRESH_STEPS  # (this step's count)
+    if power_iters_for(group["power_iters"], group["cold_start_iters"], cold=cold, fresh=fresh) != (1, 1):
+        return None  # (nothing changed: the eager step creates the vectors and runs the iterations)
+    buf, _ = _vectors(state, lengths, flat.device)
+    beta1, beta2 = group["betas"]
+    lr, tau, weight_decay = float(group["lr"]), group["tau"], group["weight_decay"]
+    advance_steps_([state["step"]])
+    t = float(state["step"])
+    dims = [matrix_dims(layout.shapes[i]) for i in idx]
+    rows, cols = [m for m, _ in dims], [n for _, n in dims]
+    offsets, starts, numels = ([getattr(layout, f)[i] for i in idx] for f in ("offsets", "starts", "numels"))
+    gaps = _gaps(flat.numel(), [(offsets[j], numels[j]) for j in range(len(idx))])
+    work = optimizer._work.get(torch.float32, flat.numel())
+    tall = [n <= m for m, n in dims]
+    short = Segments([n if t_ else m for (m, n), t_ in zip(dims, tall)] * 2, flat.device)
+    long = Segments([m if t_ else n for (m, n), t_ in zip(dims, tall)] * 2, flat.device)
+    pieces = (offsets, starts, numels, rows, cols)
+    half = sum(long.sizes) // 2
+
+    def long_products(xs: list[Tensor]) -> Tensor:  # pass 1: moments, U, B x of W and U
+        x = torch.cat(xs)
+        out = kernel.pieces_pass1(flat, flat.grad, state["exp_avg"], state["exp_avg_sq"], work, *pieces,
+                                  [g[0] for g in gaps], [g[1] for g in gaps], x[: x.numel() // 2].contiguous(),
+                                  x[x.numel() // 2 :].contiguous(), 1 - beta1**t, 1 - beta2**t, beta1, beta2, group["eps"])
+        all_reduce_(out, layout.group)
+        return out
+
+    def short_products(ys: list[Tensor]) -> Tensor:  # pass 2: Bᵀ y of W and U
+        y = torch.cat(ys)
+        out = kernel.pieces_pass2(flat, work, *pieces, y[:half].contiguous(), y[half:].contiguous())
+        all_reduce_(out, layout.group)
+        return out
+
+    sigma, x = power_steps_(long_products, short_products, torch.cat([buf[0], buf[1]]), short, long, 1)
+    k = len(idx)
+    buf.copy_(x.view(2, -1))
+    n = len(layout.params)
+    sigma_w = torch.zeros(n, dtype=torch.float32)
+    sigma_u = torch.zeros(n, dtype=torch.float32)
+    index = torch.tensor(idx)
+    sigma_w.index_copy_(0, index, sigma[:k])
+    sigma_u.index_copy_(0, index, sigma[k:])
+    capped_t = torch.tensor(capped, dtype=torch.bool)
+    ratio = cap_ratio(sigma_w, sigma_u, capped_t, lr=lr, tau=tau)
+    ratios = ratio[index].tolist()
+    kernel.pieces_update(flat, work, offsets + [g[0] for g in gaps], numels + [g[1] for g in gaps],
+                         [lr * r for r in ratios] + [lr] * len(gaps), weight_decay)
+    return CapStats(layout.params, ratio, sigma_w, sigma_u, capped_t, engine=DeepSpeedZeroAdapter.name)
+
+
+def _gaps(total: int, pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, numel) of the stretches of [0, total) no piece covers (tensors not capped, padding)."""
+    out, pos = [], 0
+    for off, numel in sorted(p for p in pieces if p[1]):
+        if off < pos:
+            raise RuntimeError("AdamWeyl (ZeRO): overlapping parameter fragments in one flat partition")
+        if off > pos:
+            out.append((pos, off - pos))
+        pos = off + numel
+    if pos < total:
+        out.append((pos, total - pos))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ what is valid (exit code 2). What may change when a run is resumed is declared h
 * :data:`ADJUSTABLE_ON_RESUME`: applied from the step after the checkpoint, recorded in ``train_log.json``
   and on the model card;
 * everything else defines the run (model, data, batch, schedule, optimizer) and must match the checkpoint.
+
+``--tau auto`` (:data:`TAU_AUTO`) is resolved by the recipe once the run's total optimizer steps are known
+(:meth:`hf_weyl.recipe.run.Run.resolve_tau`); the option itself stays ``auto`` in what a checkpoint compares.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ __all__ = [
     "FREE_ON_RESUME",
     "OPTIMIZERS",
     "SCHEDULERS",
+    "TAU_AUTO",
     "add_training_args",
     "check_training_args",
     "make_parser",
+    "parse_with_train_length",
 ]
 
 OPTIMIZERS = ("adamw_weyl", "adamw")
@@ -45,6 +50,20 @@ FREE_ON_RESUME = frozenset({
     "monitor_steps",
 })
 ADJUSTABLE_ON_RESUME = ("learning_rate", "tau")
+#: ``--tau auto``: τ = ``hf_weyl.tau_for_steps(total optimizer steps of the run)``, set before the first step.
+TAU_AUTO = "auto"
+#: ``--seed`` seeds ``random``, numpy and torch (``accelerate.utils.set_seed``); numpy takes 0 .. 2**32-1.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def _tau(value: str) -> float | str:
+    """``--tau``: a number, or ``auto`` (:data:`TAU_AUTO`)."""
+    if value.strip() == TAU_AUTO:
+        return TAU_AUTO
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or '{TAU_AUTO}', got {value!r}") from None
 
 
 def make_parser(recipe: str, description: str) -> ArgumentParser:
@@ -58,7 +77,7 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     """Options common to both recipes; ``defaults`` (e.g. ``learning_rate=6e-4, tau=0.01``) set the recipe's paper values."""
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", type=str, default=None, help="Where the Hub-ready folder, logs and checkpoints go.")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help=f"Seeds random, numpy and torch ({SEED_RANGE[0]} .. 2**32-1).")
     g.add_argument("--per_device_train_batch_size", type=int, default=8)
     g.add_argument("--per_device_eval_batch_size", type=int, default=8)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -71,14 +90,18 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw_weyl",
                    help="adamw_weyl: AdamW² (meant for --warmup_steps 0); adamw: torch's AdamW (the baseline).")
-    g.add_argument("--tau", type=float, default=0.01,
-                   help="AdamW² τ: largest relative σ1 change per step (adamw_weyl only; may be changed on resume).")
+    g.add_argument("--tau", type=_tau, default=0.01,
+                   help="AdamW² τ: largest relative σ1 change per step (adamw_weyl only; may be changed on resume), or "
+                        "'auto': hf_weyl.tau_for_steps(the run's total optimizer steps) = clamp(30 / steps, 0.01, 0.03).")
     g.add_argument("--power_iters", type=int, default=1,
                    help="AdamW² power-iteration steps per optimizer step (adamw_weyl only).")
     g.add_argument("--warmup_steps", type=int, default=0, help="Linear warmup steps (0 = none, the AdamW² setting).")
     g.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default="cosine")
-    g.add_argument("--num_train_epochs", type=int, default=1)
-    g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
+    g.add_argument("--num_train_epochs", type=int, default=1,
+                   help="Passes over the training data (steps = epochs × optimizer steps per epoch), unless "
+                        "--max_train_steps is given.")
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="Optimizer steps; given, it overrides --num_train_epochs.")
     g.add_argument("--logging_steps", type=int, default=10, help="Log every N optimizer steps (and at every checkpoint).")
     g.add_argument("--eval_steps", type=int, default=500, help="Evaluate every N optimizer steps (and at the end).")
     g.add_argument("--monitor_steps", type=int, default=None,
@@ -101,10 +124,37 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     return parser
 
 
+def parse_with_train_length(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with the run's length as in transformers' ``run_*_no_trainer.py``: a
+    ``--max_train_steps`` on the command line wins; otherwise a ``--num_train_epochs`` on the command line sets
+    ``max_train_steps`` to ``None`` (the recipe computes epochs × optimizer steps per epoch from the data); with
+    neither, the defaults (the recipe's or its preset's ``max_train_steps``, else its epochs) apply."""
+    unset = object()
+    defaults = {k: parser.get_default(k) for k in ("num_train_epochs", "max_train_steps")}
+    parser.set_defaults(num_train_epochs=unset, max_train_steps=unset)
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        parser.set_defaults(**defaults)
+    epochs_given, steps_given = args.num_train_epochs is not unset, args.max_train_steps is not unset
+    if not epochs_given:
+        args.num_train_epochs = defaults["num_train_epochs"]
+    if not steps_given:
+        args.max_train_steps = None if epochs_given else defaults["max_train_steps"]
+    elif epochs_given:
+        print(f"{parser.prog}: note: --max_train_steps {args.max_train_steps} overrides --num_train_epochs "
+              f"{args.num_train_epochs}", file=sys.stderr)
+    return args
+
+
 def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject bad values and combinations with ``parser.error`` (one line, exit code 2)."""
     if args.output_dir is None:
         parser.error("--output_dir is required")
+    low, high = SEED_RANGE
+    if not low <= args.seed <= high:
+        parser.error(f"--seed must be an integer in {low} .. {high} (0 .. 2**32-1, what numpy's seed accepts), "
+                     f"got {args.seed}")
     positive_ints = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "num_train_epochs", "logging_steps", "eval_steps")
     for name in positive_ints:
@@ -129,8 +179,9 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         if not 0 <= getattr(args, name) < 1:
             parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.optimizer == "adamw_weyl":
-        if not (math.isfinite(args.tau) and args.tau > 0):
-            parser.error(f"--tau must be a finite number > 0 (the paper uses 0.004 for ViT, 0.01 for GPT), got {args.tau}")
+        if args.tau != TAU_AUTO and not (math.isfinite(args.tau) and args.tau > 0):
+            parser.error(f"--tau must be a finite number > 0 (the paper uses 0.004 for ViT, 0.01 for GPT) or "
+                         f"'{TAU_AUTO}' (from the run's length), got {args.tau}")
         if args.power_iters < 1:
             parser.error(f"--power_iters must be an integer >= 1, got {args.power_iters}")
     else:  # τ and the power iteration are AdamW² options: unused by the baseline, so not checked

@@ -17,6 +17,7 @@ from typing import Any
 
 from .checkpoint import checkpoint_path
 from .tracking import TrainLog
+from .training import no_deepspeed_import
 
 __all__ = ["reproduce_command", "reproduce_commands", "save_hub_folder"]
 
@@ -60,10 +61,11 @@ def save_hub_folder(
 
     out = Path(args.output_dir)
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(out, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                              state_dict=state_dict, safe_serialization=True)
+    with no_deepspeed_import(accelerator):
+        state_dict = accelerator.get_state_dict(model)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(out, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                                  state_dict=state_dict, safe_serialization=True)
     if accelerator.is_main_process:
         processor.save_pretrained(out)
         _write_json(out / "all_results.json", results)

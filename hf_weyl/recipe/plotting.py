@@ -4,8 +4,9 @@
 * ``cap.png``: the fraction of capped tensors whose lr the AdamW² cap reduced, and the scheduled
   lr beside the effective lr (scheduled × mean and min of effective/scheduled over tensors);
 * :func:`plot_comparison`: several runs' losses on one figure;
-* :func:`plot_story`: several runs in four panels — validation loss, minimum attention entropy,
-  max σ1(W_qᵀW_k) (``--monitor_steps``) and the cap's effective / scheduled lr (the demo's figure).
+* :func:`plot_story`: several runs in four panels — loss, minimum attention entropy, max σ1(W_qᵀW_k)
+  (``--monitor_steps``) and the cap's effective / scheduled lr — each with a title, axis labels and a legend of
+  its runs and line styles (the demo's figure).
 """
 
 from __future__ import annotations
@@ -134,46 +135,90 @@ def plot_comparison(runs: Mapping[str, Log], path: str | Path, key: str = "train
     return Path(path)
 
 
-#: The panels of :func:`plot_story`: (log key, y label, log scale).
+#: The panels of :func:`plot_story`: (log key, title, y label, log scale).
 STORY_PANELS = (
-    ("eval_loss", "validation loss (nats)", False),
-    ("monitor/entropy_min", "min attention entropy (nats)", False),
-    ("monitor/sigma_qk_max", "max σ1(W_qᵀW_k)", True),
-    ("cap/lr_ratio_mean", "effective / scheduled lr (AdamW² cap)", True),
+    ("eval_loss", "Loss (lower is better)", "cross-entropy (nats per token)", False),
+    ("monitor/entropy_min", "Attention entropy of the most collapsed head\n(0 = every query attends to one token)",
+     "min attention entropy (nats)", False),
+    ("monitor/sigma_qk_max", "Largest query–key product σ1(W_qᵀW_k)\n(grows as attention sharpens)",
+     "max σ1(W_qᵀW_k) over heads (log scale)", True),
+    ("cap/lr_ratio_median", "AdamW² cap: the lr it lets through\n(1 = not capped; AdamW has no cap)",
+     "effective / scheduled lr (log scale)", True),
 )
 
 
+def _style_handle(style: str, label: str, **kwargs):
+    """A legend entry for a line style (black), not for a run."""
+    from matplotlib.lines import Line2D
+
+    marker = "o" if style.startswith("o") else None
+    return Line2D([], [], color=kwargs.pop("color", "black"), linestyle=style.lstrip("o") or "-", marker=marker,
+                  markersize=3, label=label, **kwargs)
+
+
 def plot_story(runs: Mapping[str, Log], path: str | Path, title: str | None = None) -> Path:
-    """Four panels, one line per run (label → log): validation loss (train loss faint), the monitor's minimum
-    attention entropy and largest σ1(W_qᵀW_k), and the cap's effective / scheduled lr (mean over the capped
-    tensors, min dashed; AdamW runs have none). A panel whose key no run logged says so."""
+    """Four panels, one colour per run (label → log), each with a title, axis labels and a legend that says what its
+    lines are: the loss (validation loss at the evaluation steps, solid with dots; training loss faint), the monitor's
+    minimum attention entropy and largest σ1(W_qᵀW_k), and the cap's effective / scheduled lr (median over the
+    capped-eligible tensors solid — the mean in logs from before the median was logged — the smallest dashed, and the
+    scheduled lr gray dotted on a right axis; AdamW runs have none). A panel whose key no run logged says so."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for ax, (key, ylabel, log_scale) in zip(axes.flat, STORY_PANELS):
-        drawn = False
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    for ax, (key, panel_title, ylabel, log_scale) in zip(axes.flat, STORY_PANELS):
+        drawn, extra, plotted, schedule = False, [], [], None
         for i, (label, log) in enumerate(runs.items()):
             color = f"C{i}"
-            steps, values = series(log, key)
             if key == "eval_loss":
                 s, v = series(log, "train_loss")
                 if s:
-                    ax.plot(s, _finite(v), "-", color=color, alpha=0.25, linewidth=1)
+                    ax.plot(s, _finite(v), "-", color=color, alpha=0.3, linewidth=1)
+            panel_key = key
+            if key == "cap/lr_ratio_median" and not series(log, key)[0]:
+                panel_key = "cap/lr_ratio_mean"  # a log from before the median was logged
+            steps, values = series(log, panel_key)
             if not steps:
                 continue
             values = _finite(values)
-            ax.plot(steps, values, "o-" if len(steps) < 30 else "-", color=color, label=label, markersize=3)
-            drawn = True
-            if key == "cap/lr_ratio_mean":
+            plotted += values
+            if key == "cap/lr_ratio_median":
+                what = "median" if panel_key == key else "mean"
+                ax.plot(steps, values, "-", color=color, label=f"{label}: {what} over capped tensors")
                 s, v = series(log, "cap/lr_ratio_min")
-                ax.plot(s, _finite(v), "--", color=color, linewidth=1)
-        if log_scale and drawn and any(v > 0 for _, log in runs.items() for v in series(log, key)[1]):
+                if s:
+                    ax.plot(s, _finite(v), "--", color=color, linewidth=1, label=f"{label}: smallest tensor")
+                s, v = series(log, "lr")
+                if s and schedule is None:  # the ratio rises as the schedule decays: the scheduled lr, right axis
+                    schedule = ax.twinx()
+                    schedule.plot(s, _finite(v), ":", color="gray", linewidth=1.2)
+                    schedule.set_ylabel("scheduled lr (gray dotted)", color="gray")
+                    schedule.tick_params(axis="y", colors="gray")
+                    schedule.set_ylim(bottom=0)
+                    extra.append(_style_handle(":", f"scheduled lr of {label} (right axis)", color="gray"))
+            else:
+                ax.plot(steps, values, "o-" if len(steps) < 30 else "-", color=color, label=label, markersize=3)
+            drawn = True
+        if key == "eval_loss" and drawn:
+            extra = [_style_handle("o-", "solid with dots: validation loss"),
+                     _style_handle("-", "faint: training loss (mean per logging interval)", alpha=0.3)]
+        if key == "cap/lr_ratio_median":
+            uncapped = [label for label, log in runs.items()
+                        if not series(log, key)[0] and not series(log, "cap/lr_ratio_mean")[0]]
+            if uncapped and drawn:
+                extra.append(_style_handle("", f"no cap, not drawn: {' / '.join(uncapped)}", color="none"))
+        if log_scale and any(v > 0 for v in plotted):  # a log axis needs a positive value
             ax.set_yscale("log")
         if not drawn:
             ax.text(0.5, 0.5, f"not logged ({key})", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+        ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+        if drawn:
+            handles, _ = ax.get_legend_handles_labels()
+            if schedule is None:
+                ax.legend(handles=handles + extra, fontsize=7.5, loc="best")
+            else:  # on the right axis, which is drawn above the left one
+                schedule.legend(handles=handles + extra, fontsize=7.5, loc="lower right", framealpha=0.9)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -12,6 +12,11 @@ Start-up, before any data is loaded (:func:`prepare_output_dir`, :meth:`Run.star
 :meth:`Run.resume` (after ``accelerator.prepare``) checks that the model's config is the checkpoint's,
 loads the state and applies the changed options: a new ``--learning_rate`` scales the schedule by
 new/old from the next step on, a new ``--tau`` replaces τ in every parameter group.
+
+``--tau auto`` (:meth:`Run.resolve_tau`, once the run's total optimizer steps are known, before the optimizer is
+built): τ = :func:`hf_weyl.tau_for_steps` of that total, logged once; the options keep ``auto`` (a resume compares
+``auto`` with ``auto``), the manifest records the τ chosen (``tau_auto``), and a resume with ``--tau auto`` must
+choose the same τ. A change between a number and ``auto`` on resume is one between the two τ values.
 """
 
 from __future__ import annotations
@@ -20,21 +25,28 @@ import argparse
 import json
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.optimizer import unwrap_adamweyl
+from ..core.tau_rule import tau_for_steps
 from .checkpoint import (
-    CHECKPOINT_DIR, checkpoint_path, latest_checkpoint, list_checkpoints, read_manifest, save_checkpoint,
+    CHECKPOINT_DIR, MANIFEST, checkpoint_path, latest_checkpoint, list_checkpoints, read_manifest, save_checkpoint,
+    unverified_reason,
 )
-from .cli import ADJUSTABLE_ON_RESUME, FREE_ON_RESUME
+from .cli import ADJUSTABLE_ON_RESUME, FREE_ON_RESUME, TAU_AUTO
 from .errors import UserError
 from .tracking import TrainLog
+from .training import unwrap_model
 
 __all__ = ["Run", "prepare_output_dir"]
 
-MANIFEST_FORMAT = 1
+#: 1: files with their sizes; 2: and their SHA-256 (``sha256``). Both resume (1 with a warning).
+MANIFEST_FORMAT = 2
+#: What :meth:`Run.start` and :meth:`Run.resume` read from a manifest, and its JSON type.
+_MANIFEST_KEYS = {"recipe": str, "step": int, "num_processes": int, "options": dict, "model_config": dict}
 #: Options recorded in a checkpoint but never compared or stored (secrets, the raw command line).
 _NOT_RECORDED = {"argv", "hub_token"}
 #: Config keys that do not define the architecture (names, versions, dtype of the saved weights).
@@ -77,6 +89,8 @@ class Run:
     manifest: dict[str, Any] | None = None
     #: adjustable options that differ from the checkpoint's: name -> (old, new)
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    #: ``--tau auto``: ``{"tau": τ, "optimizer_steps": total}`` once :meth:`resolve_tau` has chosen τ
+    tau_auto: dict[str, Any] | None = None
 
     @classmethod
     def start(cls, accelerator: Any, args: argparse.Namespace) -> Run:
@@ -102,8 +116,23 @@ class Run:
         else:
             checkpoint = Path(spec)
         run.checkpoint, run.manifest = checkpoint, read_manifest(checkpoint)
+        run._check_manifest(run.manifest)
+        unverified = unverified_reason(run.manifest)
+        if unverified is not None and accelerator.is_main_process:
+            print(f"warning: --resume_from_checkpoint {str(checkpoint)!r}: {unverified}; its content cannot be "
+                  "verified, resuming anyway", file=sys.stderr, flush=True)
         run.changes = run._compare(run.manifest)
         return run
+
+    def _check_manifest(self, manifest: dict[str, Any]) -> None:
+        """Every entry the resume reads is there, with its type (a manifest of an older format, or edited, is not)."""
+        bad = [k for k, kind in _MANIFEST_KEYS.items()
+               if not isinstance(manifest.get(k), kind) or (kind is int and isinstance(manifest.get(k), bool))]
+        if bad:
+            raise UserError(f"--resume_from_checkpoint {str(self.checkpoint)!r}: its {MANIFEST} is incomplete "
+                            f"(no valid {', '.join(repr(k) for k in bad)}; written by another or an older version of "
+                            "hf_weyl, or edited), so the run it belongs to cannot be checked; give a checkpoint "
+                            "written by these recipes")
 
     def _compare(self, manifest: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         where = f"--resume_from_checkpoint {str(self.checkpoint)!r}"
@@ -128,12 +157,49 @@ class Run:
                 "evaluation, checkpoint and Hub options); give the checkpoint's values or start a new run in another "
                 "--output_dir"
             )
-        return {k: (old[k], new[k]) for k in differ}
+        changes = {k: (old[k], new[k]) for k in differ}
+        if "tau" in changes and changes["tau"][0] == TAU_AUTO:  # from auto: the τ the checkpoint's run chose
+            changes["tau"] = (_chosen_tau(manifest), changes["tau"][1])
+            if changes["tau"][0] == changes["tau"][1]:
+                del changes["tau"]
+        return changes
+
+    def resolve_tau(self, accelerator: Any, args: argparse.Namespace) -> float | None:
+        """``--tau auto`` (adamw_weyl): τ = :func:`hf_weyl.tau_for_steps` of ``args.max_train_steps`` (the run's
+        total optimizer steps, resolved by the recipe) into ``args.tau`` (what the optimizer is built with), and
+        ``args.tau_auto_steps``; logged once, and to the trackers under ``--with_tracking``. Call it before the
+        optimizer is built. On resume, ``auto`` again must give the checkpoint's τ (a :class:`UserError` if the run's
+        length changed). Returns the τ chosen, or ``None`` when τ is not ``auto``."""
+        if args.optimizer != "adamw_weyl" or args.tau != TAU_AUTO:
+            return None
+        steps = args.max_train_steps
+        tau = tau_for_steps(steps)
+        args.tau, args.tau_auto_steps = tau, steps
+        self.tau_auto = {"tau": tau, "optimizer_steps": steps}
+        accelerator.print(f"tau=auto -> τ={tau:.4g} for {steps} optimizer steps")
+        if self.manifest is not None:
+            old = self.manifest["options"].get("tau")
+            if old == TAU_AUTO:
+                chosen = _chosen_tau(self.manifest)
+                chosen_steps = (self.manifest.get("tau_auto") or {}).get("optimizer_steps")
+                if chosen not in (tau, TAU_AUTO):  # (a manifest from before tau_auto was recorded: not checked)
+                    raise UserError(f"--resume_from_checkpoint {str(self.checkpoint)!r}: its run chose --tau auto -> "
+                                    f"τ={chosen} for {chosen_steps} optimizer steps, this launch counts {steps} steps "
+                                    f"(τ={tau}); the run's length changed (its data?), so it is another run; resume "
+                                    "with the same data and options, or give --tau explicitly")
+            elif "tau" in self.changes:  # from a number to auto: to the τ chosen now
+                if old == tau:
+                    del self.changes["tau"]
+                else:
+                    self.changes["tau"] = (old, tau)
+        elif args.with_tracking:
+            accelerator.log({"tau": tau, "tau_auto_steps": steps}, step=0)
+        return tau
 
     def resume(self, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, log: TrainLog) -> None:
         """Load the checkpoint into the prepared objects and apply the changed options from the next step."""
         assert self.checkpoint is not None and self.manifest is not None
-        config = _config_dict(accelerator.unwrap_model(model).config)
+        config = _config_dict(unwrap_model(accelerator, model).config)
         saved = self.manifest["model_config"]
         differ = [k for k in sorted(set(config) | set(saved)) if config.get(k) != saved.get(k)]
         if differ:
@@ -160,8 +226,16 @@ class Run:
     def save_checkpoint(self, accelerator: Any, step: int, model: Any) -> Path:
         """Atomically write ``checkpoints/step_<step>`` with its manifest (see :mod:`hf_weyl.recipe.checkpoint`)."""
         manifest = {"format": MANIFEST_FORMAT, "recipe": self.recipe, "step": step, "num_processes": self.num_processes,
-                    "options": self.options, "model_config": _config_dict(accelerator.unwrap_model(model).config)}
+                    "options": self.options, "model_config": _config_dict(unwrap_model(accelerator, model).config)}
+        if self.tau_auto is not None:
+            manifest["tau_auto"] = dict(self.tau_auto)
         return save_checkpoint(accelerator, checkpoint_path(self.output_dir, step), manifest)
+
+
+def _chosen_tau(manifest: dict[str, Any]) -> Any:
+    """The τ a ``--tau auto`` run recorded in its manifest (``"auto"`` if the manifest predates that record)."""
+    tau_auto = manifest.get("tau_auto")
+    return tau_auto.get("tau", TAU_AUTO) if isinstance(tau_auto, dict) else TAU_AUTO
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """What a recipe run records: :class:`TrainLog` (step counter, history, launches), the AdamW² cap statistics
-and (``--monitor_steps``) the monitor's worst-block attention entropy and σ1(W_qᵀW_k).
+(:class:`CapLog`) and (``--monitor_steps``) the monitor's worst-block attention entropy and σ1(W_qᵀW_k).
 
 The log is registered with ``accelerator.register_for_checkpointing``, so every checkpoint carries it
 and a resumed run continues the same curves; ``train_log.json`` is its ``history``.
@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..core.optimizer import unwrap_adamweyl
 
-__all__ = ["CHANGES_KEY", "MONITOR_KEYS", "TrainLog", "cap_statistics", "check_monitor_supported", "monitor_probe", "monitor_statistics"]
+__all__ = ["CAP_KEYS", "CHANGES_KEY", "MONITOR_KEYS", "CapLog", "TrainLog", "cap_summary", "check_monitor_supported",
+           "monitor_probe", "monitor_statistics"]
 
 #: Key of a history record that lists the options changed on a resume, applied from that record's step.
 CHANGES_KEY = "hyperparameter_changes"
@@ -67,26 +70,77 @@ class TrainLog:
         self.launches = [dict(x) for x in state["launches"]]
 
 
-def cap_statistics(optimizer: Any, lr: float) -> dict[str, float]:
-    """The AdamW² cap in the last step: fraction/number of capped tensors, effective/scheduled lr
-    ratio (mean and min over the capped-eligible tensors) and the effective lr. Empty for AdamW.
-    Reads device tensors: call it on logging steps only."""
-    weyl = unwrap_adamweyl(optimizer)
-    stats = getattr(weyl, "last_stats", None) if weyl is not None else None
-    if stats is None:
-        return {}
-    eligible = stats.lr_ratio[stats.capped]
-    if eligible.numel() == 0:
-        return {}
-    mean, low = float(eligible.float().mean()), float(eligible.min())
-    return {
-        "cap/capped_fraction": stats.capped_fraction,
-        "cap/num_capped": float(stats.num_capped),
-        "cap/lr_ratio_mean": mean,
-        "cap/lr_ratio_min": low,
-        "cap/effective_lr_mean": lr * mean,
-        "cap/effective_lr_min": lr * low,
-    }
+#: What :meth:`CapLog.read` logs (besides ``cap/effective_lr_*``): over the capped-eligible tensors (those AdamW²
+#: applies to) of each optimizer step since the previous logging step — the fraction whose lr the cap reduced and
+#: their number (means over the steps), the effective / scheduled lr ratio's mean and median over the tensors (means
+#: over the steps) and its smallest value (over the tensors and the steps).
+CAP_KEYS = ("cap/capped_fraction", "cap/num_capped", "cap/lr_ratio_mean", "cap/lr_ratio_median", "cap/lr_ratio_min")
+
+
+def cap_summary(stats: Any) -> torch.Tensor:
+    """``[capped fraction, number capped, mean ratio, median ratio, min ratio, eligible tensors]`` of one step's
+    ``CapStats`` over its capped-eligible tensors, on the stats' device, without a host sync (no eligible tensor:
+    ``[0, 0, 1, 1, 1, 0]``)."""
+    ratio, eligible = stats.lr_ratio.float(), stats.capped
+    count = eligible.sum().float()
+    capped = ((ratio < 1) & eligible).sum().float()
+    one = ratio.new_ones(())
+    if ratio.numel() == 0:
+        return torch.stack([one * 0, one * 0, one, one, one, one * 0])
+    mean = torch.where(eligible, ratio, 0.0).sum() / count.clamp(min=1)
+    median = torch.nanmedian(torch.where(eligible, ratio, torch.nan))
+    low = torch.where(eligible, ratio, torch.inf).amin()
+    none = count == 0
+    return torch.stack([capped / count.clamp(min=1), capped, torch.where(none, one, mean),
+                        torch.where(none, one, median), torch.where(none, one, low), count])
+
+
+def _to_host(t: torch.Tensor) -> list[float]:
+    """The one host read per logging step."""
+    return t.tolist()
+
+
+class CapLog:
+    """The AdamW² cap's statistics (:data:`CAP_KEYS`) over each logging interval, accumulated on the device of
+    ``AdamWeyl.last_stats``: :meth:`update` after every optimizer step (no host sync), :meth:`read` at a logging
+    step (one host read, then a new interval). Inert (``read`` gives ``{}``) for AdamW. A checkpoint is saved at the
+    end of a logging interval, so nothing of it is lost on resume."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.weyl = unwrap_adamweyl(optimizer)
+        self._seen: Any = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sum: torch.Tensor | None = None  # [fraction, number, mean, median] summed over the interval's steps
+        self._min: torch.Tensor | None = None  # [min ratio, eligible tensors] (smallest over the steps)
+        self._steps = 0
+
+    def update(self) -> None:
+        """After an optimizer step: add its statistics (nothing if the step was skipped, e.g. an fp16 overflow)."""
+        stats = getattr(self.weyl, "last_stats", None) if self.weyl is not None else None
+        if stats is None or stats is self._seen:
+            return
+        self._seen = stats
+        summary = cap_summary(stats)
+        if self._sum is None:
+            self._sum, self._min = summary[:4].clone(), summary[4:].clone()
+        else:
+            self._sum += summary[:4].to(self._sum.device)
+            self._min = torch.minimum(self._min, summary[4:].to(self._min.device))
+        self._steps += 1
+
+    def read(self, lr: float) -> dict[str, float]:
+        """The interval's :data:`CAP_KEYS` and ``cap/effective_lr_mean``/``_min`` (``lr``, the scheduled lr now, ×
+        the mean / smallest ratio), in one host read; ``{}`` if no step was recorded or no tensor is capped-eligible."""
+        if self._steps == 0:
+            return {}
+        fraction, number, mean, median, low, eligible = _to_host(torch.cat([self._sum / self._steps, self._min]))
+        self._reset()
+        if eligible == 0:
+            return {}
+        values = dict(zip(CAP_KEYS, (fraction, number, mean, median, low)))
+        return {**values, "cap/effective_lr_mean": lr * mean, "cap/effective_lr_min": lr * low}
 
 
 def check_monitor_supported(accelerator: Any) -> None:

@@ -279,6 +279,39 @@ def check_offload_equals_no_offload(stage, steps=3, **cfg):
         assert abs(s0[name][0] - s1[name][0]) <= tol * 10, f"{name} lr ratio {s0[name][0]} vs {s1[name][0]}"
 
 
+def check_fused_pieces(stage, **cfg):
+    """Past the fresh steps, a CPU fp32 partition takes the fused kernel on its pieces (three passes, two vector
+    all-reduces): weights and stats equal to the eager ZeRO step (HF_WEYL_CPU_KERNEL=0) and to the single-process
+    run to float rounding, with the cap binding."""
+    import hf_weyl.integrations.deepspeed as ds
+    from hf_weyl.core.functional import FRESH_STEPS
+
+    steps = FRESH_STEPS + 4
+    calls = []
+    real = ds._fused_zero_step
+    ds._fused_zero_step = lambda *a: calls.append(1) or real(*a)
+    runs = []
+    try:
+        for disabled in ("0", "1"):  # the eager ZeRO step, then the fused one
+            os.environ["HF_WEYL_CPU_KERNEL"] = disabled
+            engine = make_engine(stage, **cfg)
+            train_ds(engine, steps)
+            runs.append((full_weights(engine, stage), stats_by_name(engine.module, engine.optimizer)))
+    finally:
+        os.environ.pop("HF_WEYL_CPU_KERNEL", None)
+        ds._fused_zero_step = real
+    assert calls, "the fused ZeRO step never ran"
+    (w_eager, s_eager), (w_fused, s_fused) = runs
+    ref_model, ref_opt = reference(steps)
+    assert any(r < 1 for r, *_ in s_fused.values()), "the cap never bound"
+    assert_close(w_fused, w_eager, rtol=1e-5, atol=1e-6, what=f"ZeRO-{stage} fused vs eager ")
+    assert_close(w_fused, dict(ref_model.named_parameters()), rtol=1e-5, atol=1e-6, what=f"ZeRO-{stage} fused vs single ")
+    for name, (r, sw, su, c) in s_eager.items():
+        r2, sw2, su2, c2 = s_fused[name]
+        assert c == c2 and abs(r - r2) <= 1e-5 and abs(sw - sw2) <= 1e-5 * sw + 1e-7 and abs(su - su2) <= 1e-5 * su + 1e-7, \
+            (name, s_eager[name], s_fused[name])
+
+
 def check_refuses(stage, needle, **cfg):
     try:
         engine = make_engine(stage, **cfg)
@@ -389,6 +422,8 @@ CHECKS = {
     "offload_zero2_gather": lambda: check_equal(2, "gather", **offload()),
     **{f"offload_equals_no_offload_zero{s}": (lambda s=s: check_offload_equals_no_offload(s)) for s in (2, 3)},
     "offload_equals_no_offload_zero2_bf16": lambda: check_offload_equals_no_offload(2, bf16={"enabled": True}),
+    **{f"fused_pieces_zero{s}": (lambda s=s: check_fused_pieces(s, **offload())) for s in (2, 3)},
+    "fused_pieces_zero2_no_offload": lambda: check_fused_pieces(2),
     "resume_offload_zero2": lambda: check_resume(2, **offload()),
     "resume_offload_zero3": lambda: check_resume(3, **offload(True)),
     "refuse_offload_without_keep_line": lambda: check_refuses(  # DeepSpeed's own refusal of a client optimizer

@@ -356,6 +356,274 @@ at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> gra
   return stats.t().contiguous();
 }
 
+// ------------------------------------------------------------------------------------------------------
+// Matrices split across ranks (DeepSpeed ZeRO's flat fp32 partitions, e.g. under optimizer offload).
+//
+// Piece i of a flat partition is flat[offset_i, offset_i + numel_i) = the row-major elements
+// [start_i, start_i + numel_i) of an (m_i × n_i) matrix; `gaps` are the partition's other elements (tensors
+// AdamW² does not cap, padding). One warm power iteration over W and U of all pieces takes three passes with
+// the vector reductions (done by the caller) between them:
+//
+//   pieces_pass1   over the whole partition: moments and U (stored); for each piece, its partial long products
+//                  B_W x_W and B_U x_U (zeros outside its rows/columns), concatenated [W's | U's]
+//   (all-reduce; y = b / ‖b‖ scaled by the subnormal guard, by the caller)
+//   pieces_pass2   for each piece, its partial short products B_Wᵀ y_W and B_Uᵀ y_U, concatenated [W's | U's]
+//   (all-reduce; σ = ‖z‖ / c, the cap, by the caller)
+//   pieces_update  A ← A (1 − α' λ) − α' U with α' per piece (the scheduled lr in the gaps)
+//
+// The arithmetic per element is the whole-matrix kernel's. Each pass is one parallel region over tasks of about
+// kTaskElements elements (row ranges of the pieces, or stretches of the gaps), split evenly across the
+// threads; column sums are accumulated per thread and added in thread order (deterministic for a given thread
+// count). (One region per pass, not per matrix: on a loaded machine every region waits for all its threads.)
+
+namespace {
+
+constexpr int64_t kTaskElements = 32768;
+
+struct PieceRef {
+  int64_t offset, start, numel, rows, cols;
+  int64_t r_first() const { return start / cols; }
+  int64_t r_last() const { return (start + numel - 1) / cols; }
+  int64_t c_begin(int64_t r) const { return r == r_first() ? start % cols : 0; }
+  int64_t c_end(int64_t r) const { return r == r_last() ? (start + numel - 1) % cols + 1 : cols; }
+  int64_t flat(int64_t r, int64_t c) const { return offset + r * cols + c - start; }  // position in the partition
+};
+
+std::vector<PieceRef> pieces_of(const std::vector<int64_t>& offsets, const std::vector<int64_t>& starts,
+                                const std::vector<int64_t>& numels, const std::vector<int64_t>& rows,
+                                const std::vector<int64_t>& cols, int64_t partition) {
+  const size_t count = offsets.size();
+  TORCH_CHECK(starts.size() == count && numels.size() == count && rows.size() == count && cols.size() == count,
+              "hf_weyl cpu kernel: piece lists of different lengths");
+  std::vector<PieceRef> out(count);
+  for (size_t i = 0; i < count; ++i) {
+    out[i] = {offsets[i], starts[i], numels[i], rows[i], cols[i]};
+    TORCH_CHECK(rows[i] > 0 && cols[i] > 0 && starts[i] >= 0 && numels[i] >= 0 &&
+                    starts[i] + numels[i] <= rows[i] * cols[i] && offsets[i] >= 0 && offsets[i] + numels[i] <= partition,
+                "hf_weyl cpu kernel: a piece lies outside its matrix or the partition");
+  }
+  return out;
+}
+
+// Long side (B x) and short side (Bᵀ y) lengths of an (m × n) matrix: B = A if n ≤ m else Aᵀ.
+inline int64_t long_len(int64_t m, int64_t n) { return long_is_dot(m, n) ? m : n; }
+inline int64_t short_len(int64_t m, int64_t n) { return long_is_dot(m, n) ? n : m; }
+
+struct RowTask {
+  int64_t piece, r0, r1;  // rows [r0, r1) of a piece
+};
+
+std::vector<RowTask> row_tasks(const std::vector<PieceRef>& pieces) {
+  std::vector<RowTask> tasks;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const PieceRef& p = pieces[i];
+    if (p.numel == 0) continue;
+    const int64_t per = std::max<int64_t>(1, kTaskElements / p.cols);
+    for (int64_t r = p.r_first(); r <= p.r_last(); r += per)
+      tasks.push_back({int64_t(i), r, std::min(r + per, p.r_last() + 1)});
+  }
+  return tasks;
+}
+
+// Element stretches [offset, offset + numel) cut into tasks of at most kTaskElements, with a value each.
+struct SpanTask {
+  int64_t offset, numel;
+  float value;
+};
+
+std::vector<SpanTask> span_tasks(const std::vector<int64_t>& offsets, const std::vector<int64_t>& numels,
+                                 const std::vector<double>& values, int64_t partition) {
+  TORCH_CHECK(offsets.size() == numels.size() && numels.size() == values.size(), "hf_weyl cpu kernel: segment lists differ");
+  std::vector<SpanTask> tasks;
+  for (size_t i = 0; i < offsets.size(); ++i) {
+    TORCH_CHECK(offsets[i] >= 0 && numels[i] >= 0 && offsets[i] + numels[i] <= partition,
+                "hf_weyl cpu kernel: a segment lies outside the partition");
+    for (int64_t b = 0; b < numels[i]; b += kTaskElements)
+      tasks.push_back({offsets[i] + b, std::min(kTaskElements, numels[i] - b), float(values[i])});
+  }
+  return tasks;
+}
+
+// The products of the pieces in one pass: "dot" pieces write one output per row, the others accumulate Aᵀ·v
+// into per-thread partial sums over their columns (`axpy_at[i]`: piece i's place in a thread's partial buffer).
+struct PieceProducts {
+  std::vector<char> dot;
+  std::vector<int64_t> out_at, vec_at, axpy_at;
+  int64_t axpy_total = 0;
+  int threads = 1;
+  std::vector<float> partial;
+  const float* vec = nullptr;
+  float* out = nullptr;
+
+  // `is_dot(m, n)`: this product's kind; outputs of length out_len(m, n) and inputs of length vec_len(m, n),
+  // both concatenated in piece order.
+  template <typename Kind, typename OutLen, typename VecLen>
+  void start(const std::vector<PieceRef>& pieces, Kind is_dot, OutLen out_len, VecLen vec_len, const float* v, float* o) {
+    vec = v;
+    out = o;
+    int64_t opos = 0, vpos = 0;
+    for (const auto& p : pieces) {
+      const bool d = is_dot(p.rows, p.cols);
+      dot.push_back(d);
+      out_at.push_back(opos);
+      vec_at.push_back(vpos);
+      axpy_at.push_back(axpy_total);
+      if (!d) axpy_total += p.cols;
+      opos += out_len(p.rows, p.cols);
+      vpos += vec_len(p.rows, p.cols);
+    }
+    threads = at::get_num_threads();
+    partial.assign(static_cast<size_t>(threads) * axpy_total, 0.f);
+  }
+  inline void segment(int64_t i, const float* vals, int64_t r, int64_t c0, int64_t len, int tid) {
+    if (dot[i]) {
+      out[out_at[i] + r] = ::dot(vals, vec + vec_at[i] + c0, len);
+    } else {
+      axpy(partial.data() + static_cast<int64_t>(tid) * axpy_total + axpy_at[i] + c0, vals, vec[vec_at[i] + r], len);
+    }
+  }
+  void finish(const std::vector<PieceRef>& pieces) {
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      if (dot[i]) continue;
+      for (int t = 0; t < threads; ++t)
+        axpy(out + out_at[i], partial.data() + static_cast<int64_t>(t) * axpy_total + axpy_at[i], 1.f, pieces[i].cols);
+    }
+  }
+};
+
+// fn(piece index, row, first column, length, position in the partition, thread) for every row segment.
+template <typename Fn>
+void for_row_segments(const std::vector<PieceRef>& pieces, const std::vector<RowTask>& tasks, Fn fn) {
+  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    for (int64_t t = begin; t < end; ++t) {
+      const RowTask& task = tasks[t];
+      const PieceRef& p = pieces[task.piece];
+      for (int64_t r = task.r0; r < task.r1; ++r) {
+        const int64_t c0 = p.c_begin(r);
+        fn(task.piece, r, c0, p.c_end(r) - c0, p.flat(r, c0), tid);
+      }
+    }
+  });
+}
+
+struct Moments {
+  float b1, b2, c1, c2, eps, inv_bc1, inv_bc2_sqrt;
+  inline void run(const float* g, float* m, float* v, float* u, int64_t base, int64_t len) const {
+    const float b1_ = b1, b2_ = b2, c1_ = c1, c2_ = c2, eps_ = eps, i1 = inv_bc1, i2 = inv_bc2_sqrt;
+    g += base, m += base, v += base, u += base;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const float gj = g[j];
+      const float mj = b1_ * m[j] + c1_ * gj, vj = b2_ * v[j] + c2_ * gj * gj;
+      m[j] = mj;
+      v[j] = vj;
+      u[j] = (mj * i1) / (std::sqrt(vj) * i2 + eps_);
+    }
+  }
+};
+
+void check_flat(const at::Tensor& t, int64_t partition, const char* what) {
+  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat && t.device().is_cpu(),
+              "hf_weyl cpu kernel: ", what, " must be a contiguous fp32 CPU tensor");
+  TORCH_CHECK(t.numel() >= partition, "hf_weyl cpu kernel: ", what, " is shorter than the partition");
+}
+
+int64_t total(const std::vector<PieceRef>& pieces, int64_t (*len)(int64_t, int64_t)) {
+  int64_t sum = 0;
+  for (const auto& p : pieces) sum += len(p.rows, p.cols);
+  return sum;
+}
+
+}  // namespace
+
+at::Tensor pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at::Tensor exp_avg_sq, at::Tensor work,
+                        std::vector<int64_t> offsets, std::vector<int64_t> starts, std::vector<int64_t> numels,
+                        std::vector<int64_t> rows, std::vector<int64_t> cols, std::vector<int64_t> gap_offsets,
+                        std::vector<int64_t> gap_numels, at::Tensor x_w, at::Tensor x_u, double bc1, double bc2,
+                        double beta1, double beta2, double eps) {
+  const int64_t partition = flat.numel();
+  for (const at::Tensor* t : {&flat, &grad, &exp_avg, &exp_avg_sq, &work}) check_flat(*t, partition, "a partition tensor");
+  const auto pieces = pieces_of(offsets, starts, numels, rows, cols, partition);
+  const int64_t long_total = total(pieces, long_len), short_total = total(pieces, short_len);
+  TORCH_CHECK(x_w.numel() == short_total && x_u.numel() == short_total && x_w.is_contiguous() && x_u.is_contiguous() &&
+                  x_w.scalar_type() == at::kFloat && x_u.scalar_type() == at::kFloat,
+              "hf_weyl cpu kernel: the vectors do not match the pieces");
+  const Moments mo{float(beta1), float(beta2), float(1 - beta1), float(1 - beta2), float(eps), float(1.0 / bc1),
+                   float(1.0 / std::sqrt(bc2))};
+  float* const w = flat.data_ptr<float>();
+  const float* const g = grad.data_ptr<float>();
+  float* const m = exp_avg.data_ptr<float>();
+  float* const v = exp_avg_sq.data_ptr<float>();
+  float* const u = work.data_ptr<float>();
+  const auto gaps = span_tasks(gap_offsets, gap_numels, std::vector<double>(gap_offsets.size(), 0.0), partition);
+  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, mo, g, m, v, u](int64_t b, int64_t e) {  // moments and U only
+    for (int64_t t = b; t < e; ++t) mo.run(g, m, v, u, gaps[t].offset, gaps[t].numel);
+  });
+  at::Tensor out = at::zeros({2 * long_total}, at::kFloat);
+  PieceProducts bw, bu;
+  bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), out.data_ptr<float>());
+  bu.start(pieces, long_is_dot, long_len, short_len, x_u.data_ptr<float>(), out.data_ptr<float>() + long_total);
+  for_row_segments(pieces, row_tasks(pieces), [&bw, &bu, mo, g, m, v, u, w](int64_t i, int64_t r, int64_t c0,
+                                                                           int64_t len, int64_t base, int tid) {
+    mo.run(g, m, v, u, base, len);
+    bw.segment(i, w + base, r, c0, len, tid);
+    bu.segment(i, u + base, r, c0, len, tid);
+  });
+  bw.finish(pieces);
+  bu.finish(pieces);
+  return out;
+}
+
+at::Tensor pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
+                        std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
+                        at::Tensor y_w, at::Tensor y_u) {
+  const int64_t partition = flat.numel();
+  for (const at::Tensor* t : {&flat, &work}) check_flat(*t, partition, "a partition tensor");
+  const auto pieces = pieces_of(offsets, starts, numels, rows, cols, partition);
+  const int64_t long_total = total(pieces, long_len), short_total = total(pieces, short_len);
+  TORCH_CHECK(y_w.numel() == long_total && y_u.numel() == long_total && y_w.is_contiguous() && y_u.is_contiguous() &&
+                  y_w.scalar_type() == at::kFloat && y_u.scalar_type() == at::kFloat,
+              "hf_weyl cpu kernel: the vectors do not match the pieces");
+  const float* const w = flat.data_ptr<float>();
+  const float* const u = work.data_ptr<float>();
+  at::Tensor out = at::zeros({2 * short_total}, at::kFloat);
+  PieceProducts zw, zu;
+  zw.start(pieces, short_is_dot, short_len, long_len, y_w.data_ptr<float>(), out.data_ptr<float>());
+  zu.start(pieces, short_is_dot, short_len, long_len, y_u.data_ptr<float>(), out.data_ptr<float>() + short_total);
+  for_row_segments(pieces, row_tasks(pieces), [&zw, &zu, w, u](int64_t i, int64_t r, int64_t c0, int64_t len,
+                                                               int64_t base, int tid) {
+    zw.segment(i, w + base, r, c0, len, tid);
+    zu.segment(i, u + base, r, c0, len, tid);
+  });
+  zw.finish(pieces);
+  zu.finish(pieces);
+  return out;
+}
+
+void pieces_update(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> numels,
+                   std::vector<double> lrs, double weight_decay) {
+  const int64_t partition = flat.numel();
+  for (const at::Tensor* t : {&flat, &work}) check_flat(*t, partition, "a partition tensor");
+  const auto tasks = span_tasks(offsets, numels, lrs, partition);
+  float* const w = flat.data_ptr<float>();
+  const float* const u = work.data_ptr<float>();
+  const float wd = float(weight_decay);
+  at::parallel_for(0, int64_t(tasks.size()), 1, [&tasks, w, u, wd](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      float* const wt = w + tasks[t].offset;
+      const float* const ut = u + tasks[t].offset;
+      const float eff_lr = tasks[t].value, decay = 1.f - eff_lr * wd;
+      const int64_t len = tasks[t].numel;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) wt[j] = wt[j] * decay - eff_lr * ut[j];
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("weyl_step", &weyl_step, "AdamW² step for a list of CPU matrices in three fused passes");
+  module.def("pieces_pass1", &pieces_pass1, "moments, U and the partial long products of matrix pieces (fp32)");
+  module.def("pieces_pass2", &pieces_pass2, "the partial short products of matrix pieces (fp32)");
+  module.def("pieces_update", &pieces_update, "the capped update of a flat partition, lr per segment (fp32)");
 }

@@ -1,0 +1,106 @@
+"""The optimizer step under DeepSpeed ZeRO-Offload: AdamWeyl vs DeepSpeedCPUAdam vs torch's fused AdamW, side by side.
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 1 benchmarks/offload_step.py [--steps 10]
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/offload_step.py
+
+Under ``offload_optimizer: {device: cpu}`` each rank steps its flat fp32 partition of the parameters on the CPU;
+DeepSpeed ships ``DeepSpeedCPUAdam`` (AVX, one pass) for it, the anchor here. The partitions are those of GPT-2
+small (124M parameters, one param group as ZeRO flattens it, rank r holding elements [r·P, (r+1)·P)). Each rank
+steps its own partition with
+
+* ``DeepSpeedCPUAdam(adamw_mode=True)`` (built here by DeepSpeed's op builder),
+* ``torch.optim.AdamW(fused=True)`` (the Trainer's default optimizer),
+* ``AdamWeyl`` through its ZeRO path (``hf_weyl.integrations.deepspeed.zero_step`` on the same partition, with the
+  layout of GPT-2 small's matrices: σ's of matrices split between ranks by vector all-reduces),
+
+alternated step by step in one run (the machine's noise hits all alike), after ``FRESH_STEPS`` + 1 warm-up steps
+(AdamWeyl's first steps run more power iterations). Prints medians and the ratios to DeepSpeedCPUAdam.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hf_weyl import AdamWeyl
+from hf_weyl.core.functional import FRESH_STEPS
+from hf_weyl.integrations.deepspeed import ZeroLayout, zero_step
+
+
+def partition(shapes: list[torch.Size], rank: int, world: int) -> tuple[int, ZeroLayout]:
+    """This rank's partition size and the layout of the parameters' pieces in it (as ZeRO-1/2 cut a flat group)."""
+    sizes = [s.numel() for s in shapes]
+    total = sum(sizes)
+    per = -(-total // world)
+    lo, hi = rank * per, min((rank + 1) * per, total)
+    offsets, starts, numels, pos = [], [], [], 0
+    for size in sizes:
+        a, b = max(pos, lo), min(pos + size, hi)
+        offsets.append(a - lo if b > a else 0)
+        starts.append(a - pos if b > a else 0)
+        numels.append(max(0, b - a))
+        pos += size
+    params = [torch.empty(0) for _ in shapes]  # (stand-ins: the step reads shapes and pieces only)
+    return per, ZeroLayout(params, list(shapes), offsets, starts, numels, dist.group.WORLD, stage=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    with torch.device("meta"):
+        shapes = [p.shape for p in GPT2LMHeadModel(GPT2Config()).parameters()]
+    numel, layout = partition(shapes, rank, world)
+    gen = torch.Generator().manual_seed(rank)
+    init = torch.randn(numel, generator=gen) * 0.02
+    flats = {name: torch.nn.Parameter(init.clone()) for name in ("deepspeed_cpu_adam", "adamw_fused", "adamweyl")}
+    hyper = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opts = {
+        "deepspeed_cpu_adam": DeepSpeedCPUAdam([flats["deepspeed_cpu_adam"]], adamw_mode=True, **hyper),
+        "adamw_fused": torch.optim.AdamW([flats["adamw_fused"]], fused=True, **hyper),
+        "adamweyl": AdamWeyl([flats["adamweyl"]], tau=0.01, **hyper),
+    }
+    weyl_group = opts["adamweyl"].param_groups[0]
+
+    def step(name: str) -> None:
+        if name == "adamweyl":
+            zero_step(opts[name], weyl_group, flats[name], layout)
+        else:
+            opts[name].step()
+
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    for i in range(FRESH_STEPS + 1 + args.steps):
+        grad = torch.randn(numel, generator=gen) * 1e-3
+        for name in opts:
+            flats[name].grad = grad.clone()
+            dist.barrier()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                step(name)
+            elapsed = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the step time
+            if i > FRESH_STEPS:
+                times[name].append(float(elapsed))
+    if rank == 0:
+        med = {name: statistics.median(t) for name, t in times.items()}
+        base = med["deepspeed_cpu_adam"]
+        print(f"\nGPT-2 small, flat fp32 partition of {numel / 1e6:.1f}M elements per rank, {world} rank(s), "
+              f"{torch.get_num_threads()} thread(s) per rank, {args.steps} steps, medians")
+        print("| optimizer | step ms | / DeepSpeedCPUAdam | / AdamW fused |")
+        print("|---|---|---|---|")
+        for name, m in med.items():
+            print(f"| {name} | {1e3 * m:.1f} | {m / base:.2f} | {m / med['adamw_fused']:.2f} |")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
