@@ -134,7 +134,11 @@ def make_model(args: argparse.Namespace, tokenizer) -> GPT2LMHeadModel:
         config = GPT2Config.from_dict({**base.to_dict(), "vocab_size": len(tokenizer), "n_positions": args.block_size,
                                        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                                        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    # transformers derives the loss from the class name, finds none in "GPT2LMHeadModel", warns once ("loss_type=None
+    # ... unrecognized") and uses the causal-LM loss: name that loss, which is what it computes anyway.
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -36,3 +36,25 @@ def token_batches(n: int, batch: int = 4, seq: int = 16, vocab: int = 97, seed: 
 @pytest.fixture
 def tiny_gpt2():
     return make_tiny_gpt2
+
+
+def trainer_args(tmp_path, **kw):
+    """``TrainingArguments`` for a small CPU Trainer run in ``tmp_path`` (no reporters, no saving, no tqdm)."""
+    from transformers import TrainingArguments
+
+    base = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """``n`` rows of :func:`token_batches` as a language-modelling dataset (labels = inputs)."""
+
+    def __init__(self, n=32):
+        self.rows = torch.cat(token_batches(n // 4))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}

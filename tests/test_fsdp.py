@@ -31,7 +31,6 @@ CHECKS = [
     "layouts",
     "refuse_fsdp1_orig_params",
     "refuse_fsdp1_flat_params",
-    "refuse_shard1_placement",
     "comm_formula_vector_reduce",
     "comm_formula_gather",
     "cpu_offload_gpt2",

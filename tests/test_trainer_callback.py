@@ -6,31 +6,18 @@ import sys
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 import hf_weyl
-from conftest import make_tiny_gpt2, token_batches
+from conftest import TokenDataset, make_tiny_gpt2, token_batches, trainer_args
 from hf_weyl.integrations import trainer_callback
 from hf_weyl.integrations.trainer import TAU_AUTO_PLACEHOLDER, trainer_options_from_optim_args
 from hf_weyl.integrations.trainer_callback import CAP_LOG_KEYS, WeylTrainerCallback
 
 
 def args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                optim="adamw_weyl", per_device_train_batch_size=4, learning_rate=3e-2)
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, n=32):
-        self.rows = torch.cat(token_batches(n // 4))
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+    return trainer_args(tmp_path, **{"optim": "adamw_weyl", "per_device_train_batch_size": 4, "learning_rate": 3e-2,
+                                     **kw})
 
 
 class TokenStream(torch.utils.data.IterableDataset):

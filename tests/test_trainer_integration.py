@@ -8,26 +8,12 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 import hf_weyl
-from conftest import make_tiny_gpt2, token_batches
+from conftest import TokenDataset, make_tiny_gpt2, trainer_args
 from hf_weyl import AdamWeyl, optimizer_kwargs_from_optim_args
 from hf_weyl.integrations.trainer import OPTIM_ARGS, TRAINER_FLAGS, TRAINER_ONLY_ARGS
 
 
-def args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, n=32):
-        self.rows = torch.cat(token_batches(n // 4))
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+args = trainer_args
 
 
 def test_registration_is_idempotent_and_listed():

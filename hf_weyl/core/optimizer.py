@@ -93,6 +93,26 @@ class CapStats:
         eligible = int(self.capped.sum())
         return self.num_capped / eligible if eligible else 0.0
 
+    #: What :meth:`summary` holds, in order.
+    SUMMARY = ("capped_fraction", "num_capped", "lr_ratio_mean", "lr_ratio_median", "lr_ratio_min", "num_eligible")
+
+    def summary(self) -> Tensor:
+        """:data:`SUMMARY` over the capped-eligible tensors as one fp32 tensor on the stats' device, built without a
+        host sync (for logging: accumulate these between logging steps, read once). No eligible tensor:
+        ``[0, 0, 1, 1, 1, 0]``."""
+        ratio, eligible = self.lr_ratio.float(), self.capped
+        one = ratio.new_ones(())
+        if ratio.numel() == 0:
+            return torch.stack([one * 0, one * 0, one, one, one, one * 0])
+        count = eligible.sum().float()
+        capped = ((ratio < 1) & eligible).sum().float()
+        mean = torch.where(eligible, ratio, 0.0).sum() / count.clamp(min=1)
+        median = torch.nanmedian(torch.where(eligible, ratio, torch.nan))
+        low = torch.where(eligible, ratio, torch.inf).amin()
+        none = count == 0
+        return torch.stack([capped / count.clamp(min=1), capped, torch.where(none, one, mean),
+                            torch.where(none, one, median), torch.where(none, one, low), count])
+
     def named_lr_ratio(self, names: dict[Tensor, str] | Any) -> dict[str, float]:
         """``{name: ratio}`` given a model (its ``named_parameters``) or a {param: name} mapping (syncs)."""
         if hasattr(names, "named_parameters"):

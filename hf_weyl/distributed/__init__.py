@@ -1,5 +1,6 @@
-"""Distributed-σ tier (torch.distributed): σ1 of matrices split into contiguous pieces across ranks."""
+"""Distributed-σ tier (torch.distributed): σ1 of matrices split into contiguous pieces or 2-D blocks across ranks."""
 
-from .sigma import COMM_STATS, SIGMA_MODES, Pieces, comm_bytes_per_step, sharded_sigmas
+from . import sigma
+from .sigma import *  # noqa: F403  (its __all__: the layouts, the σ functions, the traffic formulas, COMM_STATS)
 
-__all__ = ["COMM_STATS", "SIGMA_MODES", "Pieces", "comm_bytes_per_step", "sharded_sigmas"]
+__all__ = list(sigma.__all__)

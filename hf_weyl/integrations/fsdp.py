@@ -1,4 +1,5 @@
-"""AdamW² under PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``), and the refusal of FSDP1.
+"""AdamW² on DTensor parameters — PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``), tensor parallelism
+(``torch.distributed.tensor.parallel``), their compositions — and the refusal of FSDP1.
 
 FSDP2 turns every parameter into a DTensor sharded on dim 0 (``Shard(0)``; HSDP: ``(Replicate(),
 Shard(0))`` on a 2-D mesh). The parameter's matrix view (m × n) is row-major, so the rows a rank holds,
@@ -13,9 +14,24 @@ Shard(0))`` on a 2-D mesh). The parameter's matrix view (m × n) is row-major, s
 * translates each parameter's placement into its piece (rows [c·i, c·i + q) on shard coordinate i, with
   c = ⌈m / world⌉ — ``torch.chunk`` semantics, as FSDP2 and DTensor shard), verifies it once at the
   first step (local row counts against that formula, and their sum over the shard group against m),
-  and caches it;
-* refuses any other placement (``Shard(1)`` from ``shard_placement_fn``, tensor-parallel meshes,
-  ``Partial``, strided shards) with a message naming the parameter's shape and placement.
+  and caches it.
+
+Any other layout made of ``Shard(d)``, FSDP2's strided shard (``_StridedShard``: ``fully_shard`` of a
+tensor-parallel parameter) and ``Replicate`` on a mesh of any number of dims — ColwiseParallel's
+``Shard(0)`` and RowwiseParallel's ``Shard(1)``, FSDP2 × TP's ``(_StridedShard(0), Shard(0))`` and
+``(Shard(0), Shard(1))``, ``Shard(d ≥ 1)`` of >2-D tensors — is a 2-D *block* of the matrix view: the
+global row positions (tensor dim 0) × the column positions (the row-major positions of dims 1.. over
+their index sets), each computed per tensor dim by replaying the placements left to right with
+``torch.chunk`` semantics (a strided shard first cuts the dim into ``split_factor`` pieces, chunks each
+and keeps its chunk of every piece, as DTensor defines it). At the first step every block is verified:
+its local shape, its index sets against DTensor's own split of a position tensor
+(``distribute_tensor(arange, ..., src_data_rank=None)``: no communication), the group order the
+all-gathers rely on, and the element count summed over the ranks that hold different blocks; the verdict
+is reduced, so every rank raises together. σ's come from ``hf_weyl.distributed.block_sigmas``: partial
+products reduced over the process group of each sharded mesh dim in turn (over the world in one
+collective when the sharded dims are the whole mesh and the mesh is the world), never over Replicate
+dims (replicas are not double counted). ``Partial`` and unknown placements are refused with the
+parameter's shape and placements.
 
 FSDP1 (``FullyShardedDataParallel``) hands the optimizer 1-D flat parameters or 1-D views of them: no
 matrix is visible, and stepping them would silently train plain AdamW. Such parameters are refused at
@@ -24,7 +40,10 @@ construction (and at any later step) with a message pointing to FSDP2.
 Private torch attributes read here (only here): ``torch.distributed.fsdp._common_utils.FSDP_FLATTENED``
 (the attribute FSDP1 sets on flat and flattened-original parameters) and
 ``torch.distributed.fsdp._flat_param.FlatParameter``. If a torch upgrade removes them while FSDP is
-in use, every step is refused (fail closed) rather than the FSDP1 refusal silently switched off.
+in use, every step is refused (fail closed) rather than the FSDP1 refusal silently switched off. Also
+``torch.distributed.tensor.placement_types._StridedShard`` and its ``split_factor`` (:func:`_strided_shard`):
+if they are gone, a strided placement is refused (it is then an unknown placement), never mapped as a
+plain shard.
 """
 
 from __future__ import annotations
@@ -32,18 +51,20 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core.optimizer import AdamWeyl, CapStats, register_engine_adapter
 from ..core.power_iteration import power_iteration_
 from ..distributed.collectives import all_reduce_
-from ..distributed.sigma import Pieces, matrix_dims, sharded_sigmas
+from ..distributed.sigma import Blocks, Pieces, block_sigmas, index_len, matrix_dims, sharded_sigmas
 
-__all__ = ["FSDP2Adapter", "fsdp1_flattened", "shard_piece"]
+__all__ = ["FSDP2Adapter", "dtensor_layout", "fsdp1_flattened", "shard_block", "shard_piece"]
 
 _USE_FSDP2 = (
     "Shard with FSDP2 instead: torch.distributed.fsdp.fully_shard (accelerate: fsdp_version: 2 in the FSDP "
@@ -80,6 +101,26 @@ def fsdp1_flattened(t: Tensor) -> bool:
         return False
     attribute, flat_parameter = markers
     return isinstance(t, flat_parameter) or bool(getattr(t, attribute, False))
+
+
+def _strided_shard() -> type | None:
+    """DTensor's strided shard placement class (FSDP2 over tensor parallelism), None where torch has none."""
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:
+        return None
+    return _StridedShard
+
+
+def _split_factor(placement: Any, p: Any) -> int:
+    factor = getattr(placement, "split_factor", None)
+    if not isinstance(factor, int) or factor < 1:
+        raise RuntimeError(
+            f"AdamWeyl: {_describe(p)} has a strided shard {placement!r} whose split_factor AdamWeyl cannot read in "
+            f"torch {torch.__version__} (hf_weyl reads _StridedShard.split_factor, tested with torch 2.13); refusing "
+            "to compute σ's of a layout it cannot map."
+        )
+    return factor
 
 
 def _dtensor_type() -> type | None:
@@ -170,6 +211,243 @@ def _verify(params: list[Any], pieces: list[_Piece]) -> None:
                 )
 
 
+@dataclass(frozen=True)
+class _Block:
+    """One parameter's 2-D block: full matrix dims, this rank's global row / column positions, the local shape
+    they imply, and the (group, mesh dims) stages the partial products are reduced over."""
+
+    dims: tuple[int, int]
+    rows: Any  # slice or int64 tensor
+    cols: Any
+    local_shape: tuple[int, ...]
+    stages: tuple[tuple[Any, tuple[int, ...]], ...]
+    mesh: Any
+    placements: tuple[Any, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def groups(self) -> tuple[Any, ...]:
+        return tuple(g for g, _ in self.stages)
+
+
+def _row_piece_layout(p: Any) -> bool:
+    """Shard(0) on at most one mesh dim, Replicate elsewhere: the row pieces of :func:`shard_piece`."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shards = [pl for pl in p.placements if type(pl) is Shard and pl.dim == 0]
+    return len(shards) <= 1 and all(type(pl) is Replicate or (type(pl) is Shard and pl.dim == 0) for pl in p.placements)
+
+
+def _chunk(idx: Tensor, k: int, c: int) -> Tensor:
+    """Chunk ``c`` of ``k`` of ``idx`` with ``torch.chunk`` semantics (⌈len/k⌉ each, the last ones smaller or empty)."""
+    size = -(-idx.numel() // k)
+    return idx[min(c * size, idx.numel()) : min((c + 1) * size, idx.numel())]
+
+
+def _dim_positions(p: Any, dim: int, coord: Sequence[int]) -> Tensor:
+    """Global positions along tensor dim ``dim`` held at mesh coordinate ``coord``: the placements replayed left
+    to right, as DTensor shards."""
+    from torch.distributed.tensor import Shard
+
+    strided = _strided_shard()
+    mesh_shape = p.device_mesh.shape
+    idx = torch.arange(p.shape[dim])
+    for mesh_dim, pl in enumerate(p.placements):
+        if getattr(pl, "dim", None) is None or pl.dim % p.ndim != dim:
+            continue
+        if type(pl) is Shard:
+            idx = _chunk(idx, mesh_shape[mesh_dim], coord[mesh_dim])
+        elif strided is not None and type(pl) is strided:
+            factor = _split_factor(pl, p)
+            pieces = [_chunk(idx, factor, j) for j in range(factor)]
+            idx = torch.cat([_chunk(piece, mesh_shape[mesh_dim], coord[mesh_dim]) for piece in pieces])
+    return idx
+
+
+def _compact(idx: Tensor) -> Any:
+    """A range as a slice, other index sets as they are."""
+    if idx.numel() == 0:
+        return slice(0, 0)
+    first = int(idx[0])
+    if torch.equal(idx, torch.arange(first, first + idx.numel())):
+        return slice(first, first + idx.numel())
+    return idx
+
+
+def _block_at(p: Any, coord: Sequence[int]) -> tuple[Any, Any, tuple[int, ...]]:
+    """(rows, cols, local shape) of ``p``'s block at mesh coordinate ``coord``."""
+    per_dim = [_dim_positions(p, d, coord) for d in range(p.ndim)]
+    local_shape = tuple(int(i.numel()) for i in per_dim)
+    if p.ndim == 1:
+        return slice(0, 1), _compact(per_dim[0]), local_shape
+    cols = torch.zeros(1, dtype=torch.int64)
+    for d in range(1, p.ndim):
+        cols = (cols[:, None] * p.shape[d] + per_dim[d][None, :]).reshape(-1)
+    return _compact(per_dim[0]), _compact(cols), local_shape
+
+
+def _stages(mesh: Any, shard_dims: tuple[int, ...]) -> tuple[tuple[Any, tuple[int, ...]], ...]:
+    """The groups partial products are summed over: the world at once when the sharded mesh dims are the whole
+    mesh and the mesh is the world in rank order, else each sharded mesh dim's group in turn."""
+    if (
+        len(shard_dims) > 1
+        and len(shard_dims) == mesh.ndim
+        and mesh.mesh.flatten().tolist() == list(range(dist.get_world_size()))
+    ):
+        return ((dist.group.WORLD, shard_dims),)
+    return tuple((mesh.get_group(d), (d,)) for d in shard_dims)
+
+
+def shard_block(p: Any) -> _Block:
+    """The 2-D block of DTensor ``p`` on this rank (any mix of Shard, strided shards and Replicate); raises for
+    ``Partial`` and placements it does not know."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    strided = _strided_shard()
+    for placement in p.placements:
+        known = type(placement) in (Shard, Replicate) or (strided is not None and type(placement) is strided)
+        if not known:
+            raise RuntimeError(
+                f"AdamWeyl: {_describe(p)} has the placement {placement!r}, which AdamWeyl cannot map to a block of "
+                "the full matrix (it maps Shard(d), FSDP2's strided shard and Replicate; a Partial tensor holds "
+                "unreduced partial sums, not a block of the weight). Redistribute such parameters to Shard or "
+                "Replicate placements before optimizing them."
+            )
+        if strided is not None and type(placement) is strided:
+            _split_factor(placement, p)
+    if p.ndim == 0:
+        raise RuntimeError(f"AdamWeyl: {_describe(p)} is a sharded 0-d tensor; it cannot be cut into blocks.")
+    mesh = p.device_mesh
+    coord = mesh.get_coordinate()
+    if coord is None:
+        raise RuntimeError(f"AdamWeyl: this rank is not in the mesh of {_describe(p)}.")
+    shard_dims = tuple(d for d, pl in enumerate(p.placements) if type(pl) is not Replicate)
+    rows, cols, local_shape = _block_at(p, coord)
+    return _Block(matrix_dims(p.shape), rows, cols, local_shape, _stages(mesh, shard_dims), mesh,
+                  tuple(p.placements), tuple(p.shape))
+
+
+def dtensor_layout(p: Any) -> _Piece | _Block:
+    """How DTensor ``p`` is split: a row piece (FSDP2, HSDP, dim-0 TP) or a 2-D block (anything else it maps)."""
+    return shard_piece(p) if _row_piece_layout(p) else shard_block(p)
+
+
+def _unravel(j: int, sizes: Sequence[int]) -> list[int]:
+    out = []
+    for k in reversed(sizes):
+        out.append(j % k)
+        j //= k
+    return out[::-1]
+
+
+def _grid_coords(block: _Block, coord: Sequence[int]) -> list[list[int]]:
+    """Mesh coordinates of the ranks whose blocks the all-gathers over ``block.stages`` concatenate, in order."""
+    shape = block.mesh.shape
+    sizes = [math.prod(shape[d] for d in dims) for _, dims in block.stages]
+    out = []
+    for j in range(math.prod(sizes)):
+        c = list(coord)
+        for (_, dims), k in zip(block.stages, sizes):
+            j, here = divmod(j, k)
+            for d, v in zip(dims, _unravel(here, [shape[d] for d in dims])):
+                c[d] = v
+        out.append(c)
+    return out
+
+
+def _grid(p: Any, block: _Block) -> tuple[tuple[Any, Any], ...]:
+    coord = block.mesh.get_coordinate()
+    return tuple(_block_at(p, c)[:2] for c in _grid_coords(block, coord))
+
+
+def _block_problem(p: Any, block: _Block) -> str | None:
+    """Why this rank's block of ``p`` is not what AdamWeyl computed (None: it is)."""
+    local = tuple(p.to_local().shape)
+    if local != block.local_shape:
+        return f"the local shard has shape {local}, not the {block.local_shape} the placements give"
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    strided = _strided_shard()
+    coord = block.mesh.get_coordinate()
+    for dim in range(p.ndim):
+        placements = []
+        for pl in p.placements:
+            if type(pl) is Shard and pl.dim % p.ndim == dim:
+                placements.append(Shard(0))
+            elif strided is not None and type(pl) is strided and pl.dim % p.ndim == dim:
+                placements.append(strided(0, split_factor=_split_factor(pl, p)))
+            else:
+                placements.append(Replicate())
+        if all(type(pl) is Replicate for pl in placements):
+            continue
+        try:
+            theirs = distribute_tensor(torch.arange(p.shape[dim]), block.mesh, placements, src_data_rank=None).to_local()
+        except Exception as err:  # noqa: BLE001 - reported below, on every rank
+            return f"DTensor could not split a position tensor as {tuple(placements)} ({err})"
+        if not torch.equal(theirs.cpu(), _dim_positions(p, dim, coord)):
+            return f"DTensor places positions {theirs.tolist()} of dim {dim} here, AdamWeyl computed others"
+    for group, dims in block.stages:
+        want = [int(block.mesh.mesh[tuple(c)]) for c in _grid_coords(
+            _Block(block.dims, block.rows, block.cols, block.local_shape, ((group, dims),), block.mesh,
+                   block.placements, block.shape), coord)]
+        if dist.get_process_group_ranks(group) != want:
+            return f"the ranks of a reduction group are {dist.get_process_group_ranks(group)}, not the mesh's {want}"
+    return None
+
+
+def _verify_blocks(params: list[Any], blocks: list[_Block]) -> None:
+    """First step: every block is the one the placements give, and each matrix's blocks hold all its elements;
+    the verdict is summed over the groups, so every rank raises (or none does)."""
+    problems = [_block_problem(p, b) for p, b in zip(params, blocks)]
+    by_stages: dict[Any, list[int]] = {}
+    for i, b in enumerate(blocks):
+        by_stages.setdefault(b.stages, []).append(i)
+    for stages, idx in by_stages.items():
+        counts = torch.tensor([[index_len(blocks[i].rows) * index_len(blocks[i].cols), problems[i] is not None]
+                               for i in idx], dtype=torch.int64)
+        for group, _ in stages:
+            all_reduce_(counts, group)
+        for i, (total, bad) in zip(idx, counts.tolist()):
+            if bad or total != math.prod(blocks[i].dims):
+                reason = problems[i] or ("another rank's block differs from its placements" if bad else
+                                         f"the blocks hold {total} elements in all, not {math.prod(blocks[i].dims)}")
+                raise RuntimeError(
+                    f"AdamWeyl (DTensor blocks): {_describe(params[i])}: {reason}; refusing to compute σ's of a layout "
+                    "it did not map exactly."
+                )
+
+
+def _piece_as_block(piece: _Piece) -> tuple[Any, Any]:
+    """(rows, cols) of a row piece (whole rows of an m×n matrix, or a run of a 1×n one)."""
+    m, n = piece.dims
+    if not piece.numel:
+        return slice(0, 0), slice(0, 0)
+    if m == 1:
+        return slice(0, 1), slice(piece.start, piece.start + piece.numel)
+    return slice(piece.start // n, (piece.start + piece.numel) // n), slice(0, n)
+
+
+def _align_grads(params: list[Tensor]) -> None:
+    """Give every DTensor gradient its parameter's placements (the elementwise step pairs local shards). Tensor
+    parallelism can hand back another layout — a RowwiseParallel embedding's gradient comes back Replicate(),
+    a hand-written op's may be Partial() — so it is redistributed (Replicate → Shard is a local slice; Partial
+    is reduced: a collective, made by every rank for the same parameters in the same order)."""
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return
+    for p in params:
+        g = p.grad
+        if isinstance(p, dtensor) and isinstance(g, dtensor) and (
+            g.placements != p.placements or g.device_mesh != p.device_mesh
+        ):
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+        elif isinstance(p, dtensor) and not isinstance(g, dtensor):
+            raise RuntimeError(
+                f"AdamWeyl: {_describe(p)} has a plain-tensor gradient of shape {tuple(g.shape)}; a DTensor parameter "
+                "needs a DTensor gradient (its layout tells which part of the full gradient this rank holds)."
+            )
+
+
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "placements") else t
 
@@ -186,7 +464,8 @@ class FSDP2Adapter:
     name = "fsdp2"
 
     def __init__(self) -> None:
-        self._pieces: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → _Piece, verified
+        self._pieces: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → _Piece or _Block, verified
+        self._grids: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → every rank's block (gather mode)
 
     @classmethod
     def check_construction(cls, optimizer: AdamWeyl) -> None:
@@ -206,21 +485,30 @@ class FSDP2Adapter:
             return False
         for p in group["params"]:
             if isinstance(p, dtensor):
-                shard_piece(p)  # refuses unsupported placements (at construction when possible)
+                dtensor_layout(p)  # refuses unsupported placements (at construction when possible)
         return True
 
-    def _pieces_of(self, params: list[Tensor]) -> list[_Piece | None]:
+    def _pieces_of(self, params: list[Tensor]) -> list[_Piece | _Block | None]:
         dtensor = _dtensor_type()
         new = [p for p in params if isinstance(p, dtensor) and p not in self._pieces]
-        if new:  # the same new parameters on every rank (FSDP2 gives every rank every parameter)
-            pieces = [shard_piece(p) for p in new]
-            _verify(new, pieces)
-            for p, piece in zip(new, pieces):
-                self._pieces[p] = piece
+        if new:  # the same new parameters on every rank (FSDP2 and TP give every rank every parameter)
+            layouts = [dtensor_layout(p) for p in new]
+            rows = [i for i, lay in enumerate(layouts) if isinstance(lay, _Piece)]
+            blocks = [i for i, lay in enumerate(layouts) if isinstance(lay, _Block)]
+            _verify([new[i] for i in rows], [layouts[i] for i in rows])
+            _verify_blocks([new[i] for i in blocks], [layouts[i] for i in blocks])
+            for p, layout in zip(new, layouts):
+                self._pieces[p] = layout
         return [self._pieces.get(p) if isinstance(p, dtensor) else None for p in params]
+
+    def _grid_of(self, p: Tensor, block: _Block) -> tuple[tuple[Any, Any], ...]:
+        if p not in self._grids:
+            self._grids[p] = _grid(p, block)
+        return self._grids[p]
 
     def step_group(self, optimizer: AdamWeyl, group: dict[str, Any]) -> CapStats | None:
         with_grad = [p for p in group["params"] if p.grad is not None]
+        _align_grads(with_grad)
         self._pieces_of(with_grad)
         mode = group["sigma_mode"]
 
@@ -230,13 +518,35 @@ class FSDP2Adapter:
             sigma_u = torch.zeros_like(sigma_w)
             by_group: dict[Any, list[int]] = {}
             for i, piece in enumerate(pieces):
-                by_group.setdefault(None if piece is None else piece.group, []).append(i)
+                if isinstance(piece, _Block):
+                    key: Any = ("blocks", piece.stages)
+                else:
+                    key = None if piece is None else piece.group
+                by_group.setdefault(key, []).append(i)
+            if mode == "vector_reduce":  # row pieces of a group some blocks reduce over alone join those blocks
+                for key in [k for k in by_group if isinstance(k, tuple) and len(k[1]) == 1]:
+                    group = key[1][0][0]
+                    if group in by_group:
+                        by_group[key] = sorted(by_group[key] + by_group.pop(group))
             for pg, idx in by_group.items():  # insertion order: identical on every rank
                 if pg is None:  # whole on this rank (replicated DTensor or a plain tensor)
                     views = [weights[i].reshape(matrix_dims(params[i].shape)) for i in idx]
                     dviews = [directions[i].reshape(matrix_dims(params[i].shape)) for i in idx]
                     sw = power_iteration_([v.float() for v in views], [w_vecs[i] for i in idx], iters.weight)
                     su = power_iteration_([v.float() for v in dviews], [u_vecs[i] for i in idx], iters.update)
+                elif isinstance(pg, tuple):  # 2-D blocks (tensor parallelism), with row pieces that joined them
+                    cuts = [(pieces[i].rows, pieces[i].cols) if isinstance(pieces[i], _Block)
+                            else _piece_as_block(pieces[i]) for i in idx]
+                    grid = None
+                    if mode == "gather":
+                        per_param = [self._grid_of(params[i], pieces[i]) for i in idx]
+                        grid = tuple(zip(*per_param))
+                    where = Blocks(tuple(pieces[i].dims for i in idx), tuple(r for r, _ in cuts),
+                                   tuple(c for _, c in cuts), tuple(g for g, _ in pg[1]), grid)
+                    sw, su = block_sigmas(
+                        [weights[i] for i in idx], [directions[i] for i in idx], where,
+                        [w_vecs[i] for i in idx], [u_vecs[i] for i in idx], iters, mode,
+                    )
                 else:
                     where = Pieces(
                         tuple(pieces[i].dims for i in idx), tuple(pieces[i].start for i in idx),

@@ -38,18 +38,9 @@ CAP_LOG_KEYS = ("weyl/capped_fraction", "weyl/lr_ratio_median", "weyl/lr_ratio_m
 
 
 def cap_summary(stats: CapStats) -> Tensor:
-    """``[capped fraction, median ratio, min ratio]`` over the capped-eligible tensors of one step, on the
-    stats' device without a host sync (no eligible tensor: ``[0, 1, 1]``). ``capped_fraction`` as
-    :attr:`CapStats.capped_fraction`."""
-    ratio, eligible = stats.lr_ratio.float(), stats.capped
-    count = eligible.sum()
-    capped = ((ratio < 1) & eligible).sum()
-    fraction = capped / count.clamp(min=1)
-    median = torch.nanmedian(torch.where(eligible, ratio, torch.nan)) if ratio.numel() else ratio.new_ones(())
-    low = torch.where(eligible, ratio, torch.inf).amin() if ratio.numel() else ratio.new_ones(())
-    none = count == 0
-    one = ratio.new_ones(())
-    return torch.stack([fraction, torch.where(none, one, median), torch.where(none, one, low)])
+    """``[capped fraction, median ratio, min ratio]`` over the capped-eligible tensors of one step
+    (:meth:`CapStats.summary`: on the stats' device without a host sync; no eligible tensor: ``[0, 1, 1]``)."""
+    return stats.summary()[[0, 3, 4]]
 
 
 def _to_host(t: Tensor) -> list[float]:

@@ -79,20 +79,8 @@ CAP_KEYS = ("cap/capped_fraction", "cap/num_capped", "cap/lr_ratio_mean", "cap/l
 
 def cap_summary(stats: Any) -> torch.Tensor:
     """``[capped fraction, number capped, mean ratio, median ratio, min ratio, eligible tensors]`` of one step's
-    ``CapStats`` over its capped-eligible tensors, on the stats' device, without a host sync (no eligible tensor:
-    ``[0, 0, 1, 1, 1, 0]``)."""
-    ratio, eligible = stats.lr_ratio.float(), stats.capped
-    count = eligible.sum().float()
-    capped = ((ratio < 1) & eligible).sum().float()
-    one = ratio.new_ones(())
-    if ratio.numel() == 0:
-        return torch.stack([one * 0, one * 0, one, one, one, one * 0])
-    mean = torch.where(eligible, ratio, 0.0).sum() / count.clamp(min=1)
-    median = torch.nanmedian(torch.where(eligible, ratio, torch.nan))
-    low = torch.where(eligible, ratio, torch.inf).amin()
-    none = count == 0
-    return torch.stack([capped / count.clamp(min=1), capped, torch.where(none, one, mean),
-                        torch.where(none, one, median), torch.where(none, one, low), count])
+    ``CapStats`` (:meth:`hf_weyl.CapStats.summary`: on the stats' device, without a host sync)."""
+    return stats.summary()
 
 
 def _to_host(t: torch.Tensor) -> list[float]:

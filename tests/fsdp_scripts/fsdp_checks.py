@@ -24,12 +24,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_tiny_gpt2  # noqa: E402
 from layout_net import LayoutNet, layout_batch, layout_groups, layout_loss, layout_reference  # noqa: E402
-from rank_checks import run_checks  # noqa: E402
+from rank_checks import full_weights, run_checks, stats_by_name  # noqa: E402
 
 import hf_weyl  # noqa: E402
 from hf_weyl import AdamWeyl, unwrap_adamweyl  # noqa: E402
@@ -119,21 +119,7 @@ def reference(kind, steps, clip=True, **opt_kw):
     return model, opt
 
 
-def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
-
-def full_weights(model):
-    return {n: full(p).detach().clone() for n, p in model.named_parameters()}
-
-
-def stats_by_name(model, opt):
-    s = unwrap_adamweyl(opt).last_stats
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {
-        names[id(p)]: (float(r), float(sw), float(su), bool(c))
-        for p, r, sw, su, c in zip(s.params, s.lr_ratio, s.sigma_weight, s.sigma_update, s.capped)
-    }
 
 
 def assert_close(got, want, rtol=1e-6, vector_rtol=1e-4, what=""):
@@ -357,14 +343,6 @@ def check_refuse_fsdp1(use_orig_params):
         expect_error(opt.step, "FSDP1", "fully_shard")
 
 
-def check_refuse_shard1():
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    world = dist.get_world_size()  # (FSDP2 itself refuses uneven Shard(1))
-    model = shard(make_model("net"), "net", mesh,
-                  shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % world == 0 else None)
-    expect_error(lambda: make_optimizer(model), "Shard(dim=1)", "shape (1, 4)")
-
-
 def check_accelerate(cpu_offload=False):
     """accelerate's FSDP2 preparation (``Accelerator.prepare``: fully_shard + the optimizer's parameter swap), with
     the plugin's ``cpu_offload`` or without. accelerate drops FSDP on a CPU-only machine, so the state is set to
@@ -510,7 +488,6 @@ CHECKS = {
     "layouts": check_layouts,
     "refuse_fsdp1_orig_params": lambda: check_refuse_fsdp1(True),
     "refuse_fsdp1_flat_params": lambda: check_refuse_fsdp1(False),
-    "refuse_shard1_placement": check_refuse_shard1,
     **{f"comm_formula_{m}": (lambda m=m: check_comm_formula(m)) for m in ("vector_reduce", "gather")},
     "accelerate_fsdp2": check_accelerate,  # last: they create accelerate's global state
     # (pinned memory needs an accelerator: the plugin's cpu_offload=True means pin_memory=True)

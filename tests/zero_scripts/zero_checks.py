@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from layout_net import BATCH as LAYOUT_BATCH  # noqa: E402
 from layout_net import LayoutNet, layout_batch, layout_groups, layout_loss, layout_reference  # noqa: E402
-from rank_checks import run_checks  # noqa: E402
+from rank_checks import run_checks, stats_by_name  # noqa: E402
 
 import hf_weyl  # noqa: E402
 from hf_weyl import AdamWeyl, unwrap_adamweyl  # noqa: E402
@@ -104,14 +104,6 @@ def reference(steps, sigma_mode="vector_reduce", before_step=None):
         opt.zero_grad()
     return model, opt
 
-
-def stats_by_name(model, opt):
-    s = unwrap_adamweyl(opt).last_stats
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {
-        names[id(p)]: (float(r), float(sw), float(su), bool(c))
-        for p, r, sw, su, c in zip(s.params, s.lr_ratio, s.sigma_weight, s.sigma_update, s.capped)
-    }
 
 
 def full_weights(engine_or_model, stage):
