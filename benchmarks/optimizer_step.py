@@ -6,6 +6,7 @@ reference. Parameters have GPT-2's layout (tied LM head, 12 blocks) in three reg
 * ``gpt2_small``: width 768 (124M parameters, 148 tensors): memory-bound;
 * ``width256``: width 256 (22M): in between;
 * ``width64``: width 64 (3.3M, dominated by the 50257×64 embedding; the blocks' tensors are tiny): per-op overhead.
+* ``gpt_1p3b`` (GPUs, by name only): width 2048, 24 layers (1.3B, GPT-3 XL's shape).
 
 Steps of all optimizers are interleaved in one process, so machine noise hits them alike; the ratio of
 medians is the figure. Peak memory is measured in a fresh subprocess per optimizer (CPU: peak RSS
@@ -35,7 +36,10 @@ from hf_weyl import AdamWeyl
 from hf_weyl.core import functional
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-REGIMES = {"gpt2_small": 768, "width256": 256, "width64": 64}
+#: regime → (width, layers) of a GPT-2-layout parameter set. ``gpt_1p3b`` (GPT-3 XL's 1.3B shape: width 2048, 24
+#: layers) is for GPUs only (scripts/gpu_check.sh): the three optimizers' states of it do not fit a small machine.
+REGIMES = {"gpt2_small": (768, 12), "width256": (256, 12), "width64": (64, 12), "gpt_1p3b": (2048, 24)}
+DEFAULT_REGIMES = ["gpt2_small", "width256", "width64"]
 OPTIMIZERS = ("adamw_fused", "adamw_foreach", "adamweyl", "adamweyl_eager")
 
 
@@ -102,7 +106,7 @@ def time_steps(shapes, device: str, dtype: torch.dtype, steps: int, warmup: int,
 
 def peak_memory_child(name: str, regime: str, device: str, dtype: str) -> None:
     """(subprocess) print peak memory growth of 3 optimizer steps over params+grads, and the state size."""
-    params = make_params(gpt2_shapes(REGIMES[regime]), device, DTYPES[dtype])
+    params = make_params(gpt2_shapes(*REGIMES[regime]), device, DTYPES[dtype])
     opt = build(name, params)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -152,7 +156,7 @@ def count_ops(shapes, device: str, name: str) -> Counter:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), default=list(REGIMES))
+    parser.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), default=DEFAULT_REGIMES)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=functional.FRESH_STEPS + 1,
@@ -168,7 +172,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; medians of {args.steps} "
           f"alternated steps after {args.warmup} warm-up steps; AdamWeyl defaults (tau 0.01, power_iters 1)")
     if args.count_ops:
-        shapes = gpt2_shapes(REGIMES[args.regimes[0]])
+        shapes = gpt2_shapes(*REGIMES[args.regimes[0]])
         print(f"\ndispatched aten ops per warm step, {args.regimes[0]} ({len(shapes)} tensors)")
         print("| optimizer | ops | most frequent |\n|---|---|---|")
         runs = [("adamw_fused", "cpu"), ("adamw_foreach", "cpu"), ("adamweyl", "cpu"), ("adamweyl_eager", "meta")]
@@ -183,7 +187,7 @@ def main() -> None:
           + (" AdamWeyl eager / fused |" if "adamweyl_eager" in names else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|" if "adamweyl_eager" in names else ""))
     for regime in args.regimes:
-        shapes = gpt2_shapes(REGIMES[regime])
+        shapes = gpt2_shapes(*REGIMES[regime])
         n = sum(torch.Size(s).numel() for s in shapes)
         for dtype in args.dtypes:
             med = time_steps(shapes, args.device, DTYPES[dtype], args.steps, args.warmup, names)
