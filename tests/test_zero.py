@@ -49,6 +49,9 @@ ZERO_CHECKS = [f"equal_zero{s}_{m}" for s in (1, 2, 3) for m in SIGMA_MODES] + [
     "refuse_offload_without_keep_line",
     "accelerate_zero2",
     "accelerate_offload_swap_refused",
+    "accelerate_offload_before_kept",
+    "accelerate_offload_after_kept",
+    "accelerate_offload_after_refused",
 ]
 TRAINER_CHECKS = [
     "trainer_zero2_vector_reduce",

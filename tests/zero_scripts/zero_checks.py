@@ -315,6 +315,17 @@ def check_refuses(stage, needle, **cfg):
     raise AssertionError(f"no error for {cfg}")
 
 
+def accelerate_train(accelerator, model, opt, steps):
+    rank = dist.get_rank()
+    for step in range(steps):
+        for micro in range(GAS):
+            with accelerator.accumulate(model):
+                x, y = batch(step, micro, rank)
+                accelerator.backward(loss_fn(model, x, y))
+                opt.step()
+                opt.zero_grad()
+
+
 def check_accelerate(stage=2):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
@@ -323,14 +334,7 @@ def check_accelerate(stage=2):
     model = make_model()
     opt = AdamWeyl(groups(model), lr=LR, tau=TAU, betas=(0.9, 0.95))
     model, opt = accelerator.prepare(model, opt)
-    rank = dist.get_rank()
-    for step in range(3):
-        for micro in range(GAS):
-            with accelerator.accumulate(model):
-                x, y = batch(step, micro, rank)
-                accelerator.backward(loss_fn(model, x, y))
-                opt.step()
-                opt.zero_grad()
+    accelerate_train(accelerator, model, opt, 3)
     ref_model, _ = reference(3)
     weyl = unwrap_adamweyl(opt)
     assert weyl is not None and weyl.last_stats is not None and weyl.last_stats.engine == "deepspeed_zero", "AdamWeyl's ZeRO path did not run"
@@ -397,6 +401,35 @@ def check_accelerate_offload_swap_refused(stage=2):
     assert all(torch.equal(before[n], after[n]) for n in before), "weights changed before the refusal"
 
 
+def check_accelerate_offload(before: bool, keep_line: bool):
+    """accelerate with CPU optimizer offload, AdamWeyl built before or after the Accelerator announced the config:
+    with ``zero_force_ds_cpu_optimizer: false`` AdamWeyl steps (and ends where one process does); without it, an
+    AdamWeyl built after is refused when built (one built before: accelerate_offload_swap_refused)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin
+
+    AcceleratorState._reset_state(True)
+    extra = offload() if keep_line else {"zero": {"offload_optimizer": {"device": "cpu"}}}
+    cfg = ds_config(2, **extra)
+    model = make_model()
+    opt = AdamWeyl(groups(model), lr=LR, tau=TAU, betas=(0.9, 0.95)) if before else None
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg))
+    if not before:
+        try:
+            opt = AdamWeyl(groups(model), lr=LR, tau=TAU, betas=(0.9, 0.95))
+        except ValueError as err:
+            assert not keep_line and '"zero_force_ds_cpu_optimizer": false' in str(err), err
+            return
+        assert keep_line, "AdamWeyl was built under an offload config that would swap it"
+    model, opt = accelerator.prepare(model, opt)
+    accelerate_train(accelerator, model, opt, 3)
+    weyl = unwrap_adamweyl(opt)
+    assert weyl is not None and weyl.last_stats is not None and weyl.last_stats.engine == "deepspeed_zero"
+    ref_model, _ = reference(3)
+    assert_close(full_weights(model, 2), dict(ref_model.named_parameters()), what="accelerate ZeRO-2 offload ")
+
+
 CHECKS = {
     **{f"equal_zero{s}_{m}": (lambda s=s, m=m: check_equal(s, m)) for s in (1, 2, 3) for m in hf_weyl.integrations.deepspeed.SIGMA_MODES},
     **{f"equal_zero{s}_bf16": (lambda s=s: check_equal_bf16(s)) for s in (2, 3)},
@@ -423,6 +456,9 @@ CHECKS = {
     ),
     "accelerate_zero2": check_accelerate,  # last: they create accelerate's global state
     "accelerate_offload_swap_refused": check_accelerate_offload_swap_refused,
+    "accelerate_offload_before_kept": lambda: check_accelerate_offload(before=True, keep_line=True),
+    "accelerate_offload_after_kept": lambda: check_accelerate_offload(before=False, keep_line=True),
+    "accelerate_offload_after_refused": lambda: check_accelerate_offload(before=False, keep_line=False),
 }
 
 
