@@ -2,6 +2,7 @@
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 1 benchmarks/offload_step.py [--steps 10]
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/offload_step.py
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 1 benchmarks/offload_step.py --passes   # and each pass's time
 
 Under ``offload_optimizer: {device: cpu}`` each rank steps its flat fp32 partition of the parameters on the CPU;
 DeepSpeed ships ``DeepSpeedCPUAdam`` (AVX, one pass) for it, the anchor here. The partitions are those of GPT-2
@@ -52,6 +53,8 @@ def partition(shapes: list[torch.Size], rank: int, world: int) -> tuple[int, Zer
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer")
+    parser.add_argument("--passes", action="store_true",
+                        help="also time each pass of AdamWeyl's fused step on this rank's partition (and fused AdamW's one)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -99,7 +102,46 @@ def main() -> None:
         print("|---|---|---|---|")
         for name, m in med.items():
             print(f"| {name} | {1e3 * m:.1f} | {m / base:.2f} | {m / med['adamw_fused']:.2f} |")
+    if args.passes:
+        time_passes(flats["adamweyl"], opts["adamweyl"], layout, opts["adamw_fused"], args.steps, rank)
     dist.destroy_process_group()
+
+
+def time_passes(flat, weyl, layout, fused, steps: int, rank: int) -> None:
+    """Medians of the non-finite check, the three kernel passes and fused AdamW's step on the same partition."""
+    from hf_weyl.core.cpu_kernel import cpu_kernel
+    from hf_weyl.distributed.sigma import matrix_dims
+    from hf_weyl.integrations.deepspeed import _gaps
+
+    kernel, state = cpu_kernel(), weyl.state[flat]
+    idx = [i for i, s in enumerate(layout.shapes) if len(s) >= 2]
+    dims = [matrix_dims(layout.shapes[i]) for i in idx]
+    pieces = ([layout.offsets[i] for i in idx], [layout.starts[i] for i in idx], [layout.numels[i] for i in idx],
+              [m for m, _ in dims], [n for _, n in dims])
+    gaps = _gaps(flat.numel(), list(zip(pieces[0], pieces[2])))
+    short, long = sum(min(m, n) for m, n in dims), sum(max(m, n) for m, n in dims)
+    work, x, y = weyl._work.get(torch.float32, flat.numel()), torch.randn(short), torch.randn(long)
+    calls = {
+        "non-finite check (aminmax)": lambda: flat.grad.aminmax(),
+        "pass 1 (moments, U, B x)": lambda: kernel.pieces_pass1(
+            flat, flat.grad, state["exp_avg"], state["exp_avg_sq"], work, *pieces, [g[0] for g in gaps],
+            [g[1] for g in gaps], x, x, 0.5, 0.5, 0.9, 0.95, 1e-8),
+        "pass 2 (Bᵀ y)": lambda: kernel.pieces_pass2(flat, work, *pieces, y, y),
+        "update": lambda: kernel.pieces_update(flat, work, pieces[0] + [g[0] for g in gaps],
+                                               pieces[2] + [g[1] for g in gaps], [1e-8] * (len(idx) + len(gaps)), 0.0),
+        "AdamW fused, whole step": fused.step,
+    }
+    times = {name: [] for name in calls}
+    for _ in range(steps):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                call()
+            times[name].append(time.perf_counter() - t0)
+    if rank == 0:
+        print("\n| part (this rank's partition) | ms |\n|---|---|")
+        for name, t in times.items():
+            print(f"| {name} | {1e3 * statistics.median(t):.1f} |")
 
 
 if __name__ == "__main__":
