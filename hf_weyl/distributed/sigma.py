@@ -116,6 +116,23 @@ def _w_and_u(run, layout, both, weights, updates, weight_vectors, update_vectors
     return run(weights, layout, weight_vectors, iters.weight), run(updates, layout, update_vectors, iters.update)
 
 
+def _run_power_steps(products, vectors: list[Tensor], short: Segments, long: Segments, tall: list[bool],
+                     iters: int) -> Tensor:
+    """``iters`` power steps (:func:`hf_weyl.core.power_iteration.power_steps_`) with ``products(vectors, segments,
+    a_times)`` summed over the ranks: B x is A x for tall matrices and Aᵀ x for wide ones, Bᵀ y the other way. The
+    vectors are updated in place; returns σ."""
+    sigma, x = power_steps_(
+        lambda xs: products(xs, long, tall),
+        lambda ys: products(ys, short, [not t for t in tall]),
+        torch.cat(vectors),
+        short,
+        long,
+        iters,
+    )
+    torch._foreach_copy_(vectors, list(x.split(short.sizes)))
+    return sigma
+
+
 # --------------------------------------------------------------------------------------------
 # products of a contiguous row-major piece
 # --------------------------------------------------------------------------------------------
@@ -186,16 +203,7 @@ def _sigma_vector_reduce(pieces: list[Tensor], where: Pieces, vectors: list[Tens
         all_reduce_(out, where.group)
         return out
 
-    sigma, x = power_steps_(
-        lambda xs: products(xs, long, tall),  # B x: A x for tall matrices, Aᵀ x for wide ones
-        lambda ys: products(ys, short, [not t for t in tall]),  # Bᵀ y
-        torch.cat(vectors),
-        short,
-        long,
-        iters,
-    )
-    torch._foreach_copy_(vectors, list(x.split(short.sizes)))
-    return sigma
+    return _run_power_steps(products, vectors, short, long, tall, iters)
 
 
 def _gather_matrices(pieces: list[Tensor], where: Pieces) -> list[Tensor]:
@@ -334,16 +342,7 @@ def _sigma_blocks(mats: list[Tensor], where: Blocks, vectors: list[Tensor], iter
             all_reduce_(out, group)
         return out
 
-    sigma, x = power_steps_(
-        lambda xs: products(xs, long, tall),
-        lambda ys: products(ys, short, [not t for t in tall]),
-        torch.cat(vectors),
-        short,
-        long,
-        iters,
-    )
-    torch._foreach_copy_(vectors, list(x.split(short.sizes)))
-    return sigma
+    return _run_power_steps(products, vectors, short, long, tall, iters)
 
 
 def _as_positions(ix: Index) -> Tensor:
