@@ -111,14 +111,14 @@ def time_passes(flat, weyl, layout, fused, steps: int, rank: int) -> None:
     """Medians of the non-finite check, the three kernel passes and fused AdamW's step on the same partition."""
     from hf_weyl.core.cpu_kernel import cpu_kernel
     from hf_weyl.distributed.sigma import matrix_dims
-    from hf_weyl.integrations.deepspeed import _gaps
+    from hf_weyl.integrations.deepspeed import _segments
 
     kernel, state = cpu_kernel(), weyl.state[flat]
     idx = [i for i, s in enumerate(layout.shapes) if len(s) >= 2]
     dims = [matrix_dims(layout.shapes[i]) for i in idx]
     pieces = ([layout.offsets[i] for i in idx], [layout.starts[i] for i in idx], [layout.numels[i] for i in idx],
               [m for m, _ in dims], [n for _, n in dims])
-    gaps = _gaps(flat.numel(), list(zip(pieces[0], pieces[2])))
+    gaps = [(o, k) for o, k, i in _segments(flat.numel(), list(zip(pieces[0], pieces[2], idx))) if i is None]
     short, long = sum(min(m, n) for m, n in dims), sum(max(m, n) for m, n in dims)
     work, x, y = weyl._work.get(torch.float32, flat.numel()), torch.randn(short), torch.randn(long)
     calls = {

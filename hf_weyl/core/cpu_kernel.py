@@ -145,12 +145,18 @@ def _acquire(lock_path: Path) -> int:
     return fd
 
 
-def _import(path: Path, name: str) -> Any:
+def _import_built(path: Path, name: str) -> Any | None:
+    """The built module at ``path``, or None where there is none or it cannot be loaded (then it is rebuilt)."""
+    if not path.exists():
+        return None
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path} as module {name}")
+        return None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:  # a damaged module file
+        return None
     return module
 
 
@@ -164,19 +170,15 @@ def _build() -> Any:
 
     directory, name = build_directory(), _name()
     module_file = directory / f"{name}{LIB_EXT}"
-    if module_file.exists():
-        try:
-            return _import(module_file, name)
-        except ImportError:
-            pass  # a damaged module file: rebuilt below
+    module = _import_built(module_file, name)
+    if module is not None:
+        return module
     directory.mkdir(parents=True, exist_ok=True)
     fd = _acquire(directory / _LOCK_NAME)
     try:
-        if module_file.exists():  # built by the process we waited for
-            try:
-                return _import(module_file, name)
-            except ImportError:
-                pass
+        module = _import_built(module_file, name)  # built by the process we waited for
+        if module is not None:
+            return module
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         # Under our lock no other builder of this folder is alive: what is left here is a killed build's.

@@ -399,11 +399,15 @@ def zero_step(optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor, layout: 
     state["step"] = torch.as_tensor(state.get("step", 0.0), dtype=torch.float32, device="cpu").clone()
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
-    kernel = _piece_kernel(flat, group)
-    if kernel is not None:
-        stats = _fused_zero_step(kernel, optimizer, group, flat, layout)
-        if stats is not None:
-            return stats
+    capped = [is_capped(s, group["cap_vectors"]) for s in layout.shapes]
+    idx = [i for i, c in enumerate(capped) if c]
+    lengths = [vector_length(layout.shapes[i]) for i in idx]
+    buf, cold = _vectors(state, lengths, flat.device)
+    fresh = float(state["step"]) + 1 <= FRESH_STEPS  # (this step's count)
+    iters = power_iters_for(group["power_iters"], group["cold_start_iters"], cold=cold, fresh=fresh)
+    kernel = _piece_kernel(flat, group) if idx and iters == (1, 1) else None
+    if kernel is not None:  # warm steps of a CPU fp32 partition
+        return _fused_zero_step(kernel, optimizer, group, flat, layout, capped, idx, buf)
     moments = [grad], [state["exp_avg"]], [state["exp_avg_sq"]]
     if fused_direction_applies([flat], *moments):  # CPU: moments and U in one pass of torch's fused AdamW kernel
         (direction,) = fused_direction(optimizer._work, *moments, [state["step"]], beta1=beta1, beta2=beta2,
@@ -413,13 +417,6 @@ def zero_step(optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor, layout: 
         (bc1,), (bc2,) = adam_moments_(*moments, [state["step"]], beta1=beta1, beta2=beta2)
         # U = scale · direction (see hf_weyl.core.functional.adam_direction)
         (direction,), (scale,) = adam_direction(moments[1], moments[2], [bc1], [bc2], eps=group["eps"])
-
-    capped = [is_capped(s, group["cap_vectors"]) for s in layout.shapes]
-    idx = [i for i, c in enumerate(capped) if c]
-    lengths = [vector_length(layout.shapes[i]) for i in idx]
-    buf, cold = _vectors(state, lengths, flat.device)
-    fresh = float(state["step"]) <= FRESH_STEPS  # (counted already for this step)
-    iters = power_iters_for(group["power_iters"], group["cold_start_iters"], cold=cold, fresh=fresh)
 
     n = len(layout.params)
     sigma_w = torch.zeros(n, dtype=torch.float32, device=flat.device)
@@ -438,21 +435,11 @@ def zero_step(optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor, layout: 
     ratio = cap_ratio(sigma_w, sigma_u, capped_t, lr=lr, tau=group["tau"])
 
     # Segments covering the flat partition: each parameter piece with its ratio, gaps (padding) with 1.
-    seg_w, seg_u, seg_ratio, pos = [], [], [], 0
     one = torch.ones(1, dtype=torch.float32, device=flat.device)
-    for i in sorted((i for i in range(n) if layout.numels[i]), key=lambda i: layout.offsets[i]):
-        off, numel = layout.offsets[i], layout.numels[i]
-        if off < pos:
-            raise RuntimeError("AdamWeyl (ZeRO): overlapping parameter fragments in one flat partition")
-        if off > pos:
-            seg_w.append(flat.narrow(0, pos, off - pos)), seg_u.append(direction.narrow(0, pos, off - pos))
-            seg_ratio.append(one)
-        seg_w.append(flat.narrow(0, off, numel)), seg_u.append(direction.narrow(0, off, numel))
-        seg_ratio.append(ratio[i : i + 1])
-        pos = off + numel
-    if pos < flat.numel():
-        seg_w.append(flat.narrow(0, pos, flat.numel() - pos)), seg_u.append(direction.narrow(0, pos, flat.numel() - pos))
-        seg_ratio.append(one)
+    segments = _segments(flat.numel(), [(layout.offsets[i], layout.numels[i], i) for i in range(n)])
+    seg_w = [flat.narrow(0, off, numel) for off, numel, _ in segments]
+    seg_u = [direction.narrow(0, off, numel) for off, numel, _ in segments]
+    seg_ratio = [one if i is None else ratio[i : i + 1] for _, _, i in segments]
     if seg_w:
         apply_capped_update_(
             seg_w, seg_u, torch.cat(seg_ratio), [scale] * len(seg_w), lr=lr, weight_decay=group["weight_decay"]
@@ -470,25 +457,13 @@ def _piece_kernel(flat: Tensor, group: dict[str, Any]) -> Any | None:
     return cpu_kernel()
 
 
-def _fused_zero_step(kernel: Any, optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor,
-                     layout: ZeroLayout) -> CapStats | None:
-    """The warm step of a flat CPU partition in three passes of ``csrc/weyl_cpu.cpp`` (``pieces_pass1``, ``pieces_pass2``,
-    ``pieces_update``) with one all-reduce of the partial products after each of the first two: what the
-    single-process fused step costs, plus two vector all-reduces. None (nothing done) where it does not apply:
-    steps that need more than one power iteration (cold vectors, the first ``FRESH_STEPS``, ``power_iters`` > 1)
-    take the eager step. Equal to the eager step to float rounding."""
+def _fused_zero_step(kernel: Any, optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor, layout: ZeroLayout,
+                     capped: list[bool], idx: list[int], buf: Tensor) -> CapStats:
+    """A warm step (one power iteration) of a flat CPU partition in three passes of ``csrc/weyl_cpu.cpp``
+    (``pieces_pass1``, ``pieces_pass2``, ``pieces_update``) with one all-reduce of the partial products after each of
+    the first two: what the single-process fused step costs, plus two vector all-reduces. ``idx``: the capped
+    tensors, ``buf``: their (2, Σk) vectors. Equal to the eager step to float rounding."""
     state = optimizer.state[flat]
-    capped = [is_capped(s, group["cap_vectors"]) for s in layout.shapes]
-    idx = [i for i, c in enumerate(capped) if c]
-    if not idx or "exp_avg" not in state:
-        return None
-    lengths = [vector_length(layout.shapes[i]) for i in idx]
-    saved = state.get(VECTORS_KEY)
-    cold = not (isinstance(saved, dict) and [int(k) for k in saved.get("lengths", ())] == lengths)
-    fresh = float(state["step"]) + 1 <= FRESH_STEPS  # (this step's count)
-    if power_iters_for(group["power_iters"], group["cold_start_iters"], cold=cold, fresh=fresh) != (1, 1):
-        return None  # (nothing changed: the eager step creates the vectors and runs the iterations)
-    buf, _ = _vectors(state, lengths, flat.device)
     beta1, beta2 = group["betas"]
     lr, tau, weight_decay = float(group["lr"]), group["tau"], group["weight_decay"]
     advance_steps_([state["step"]])
@@ -496,7 +471,7 @@ def _fused_zero_step(kernel: Any, optimizer: AdamWeyl, group: dict[str, Any], fl
     dims = [matrix_dims(layout.shapes[i]) for i in idx]
     rows, cols = [m for m, _ in dims], [n for _, n in dims]
     offsets, starts, numels = ([getattr(layout, f)[i] for i in idx] for f in ("offsets", "starts", "numels"))
-    gaps = _gaps(flat.numel(), [(offsets[j], numels[j]) for j in range(len(idx))])
+    gaps = [(off, numel) for off, numel, j in _segments(flat.numel(), list(zip(offsets, numels, idx))) if j is None]
     work = optimizer._work.get(torch.float32, flat.numel())
     tall = [n <= m for m, n in dims]
     short = Segments([n if t_ else m for (m, n), t_ in zip(dims, tall)] * 2, flat.device)
@@ -535,17 +510,20 @@ def _fused_zero_step(kernel: Any, optimizer: AdamWeyl, group: dict[str, Any], fl
     return CapStats(layout.params, ratio, sigma_w, sigma_u, capped_t, engine=DeepSpeedZeroAdapter.name)
 
 
-def _gaps(total: int, pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(offset, numel) of the stretches of [0, total) no piece covers (tensors not capped, padding)."""
+def _segments(total: int, pieces: list[tuple[int, int, int]]) -> list[tuple[int, int, int | None]]:
+    """``(offset, numel, i)`` of the pieces ``(offset, numel, i)`` that hold elements, in offset order, with
+    ``(offset, numel, None)`` for the stretches of [0, total) between and after them (tensors not in ``pieces``,
+    padding): together they cover the partition once."""
     out, pos = [], 0
-    for off, numel in sorted(p for p in pieces if p[1]):
+    for off, numel, i in sorted((p for p in pieces if p[1]), key=lambda p: p[0]):
         if off < pos:
             raise RuntimeError("AdamWeyl (ZeRO): overlapping parameter fragments in one flat partition")
         if off > pos:
-            out.append((pos, off - pos))
+            out.append((pos, off - pos, None))
+        out.append((off, numel, i))
         pos = off + numel
     if pos < total:
-        out.append((pos, total - pos))
+        out.append((pos, total - pos, None))
     return out
 
 
