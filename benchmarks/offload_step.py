@@ -11,8 +11,9 @@ steps its own partition with
 
 * ``DeepSpeedCPUAdam(adamw_mode=True)`` (built here by DeepSpeed's op builder),
 * ``torch.optim.AdamW(fused=True)`` (the Trainer's default optimizer),
-* ``AdamWeyl`` through its ZeRO path (``hf_weyl.integrations.deepspeed.zero_step`` on the same partition, with the
-  layout of GPT-2 small's matrices: σ's of matrices split between ranks by vector all-reduces),
+* ``AdamWeyl`` through its ZeRO path (the non-finite vote, then ``AdamWeyl.step_plan`` on the partition described as
+  the ZeRO adapter does, ``zero_unit``, with the layout of GPT-2 small's matrices: σ's of matrices split between
+  ranks by vector all-reduces),
 
 alternated step by step in one run (the machine's noise hits all alike), after ``FRESH_STEPS`` + 1 warm-up steps
 (AdamWeyl's first steps run more power iterations). Prints medians and the ratios to DeepSpeedCPUAdam.
@@ -30,7 +31,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_weyl import AdamWeyl
 from hf_weyl.core.functional import FRESH_STEPS
-from hf_weyl.integrations.deepspeed import ZeroLayout, zero_step
+from hf_weyl.core.layout import StepPlan, uncovered
+from hf_weyl.distributed import LAYOUT_SIGMA
+from hf_weyl.integrations.deepspeed import DeepSpeedZeroAdapter, ZeroLayout, nonfinite_anywhere, zero_unit
 
 
 def partition(shapes: list[torch.Size], rank: int, world: int) -> tuple[int, ZeroLayout]:
@@ -76,7 +79,10 @@ def main() -> None:
 
     def step(name: str) -> None:
         if name == "adamweyl":
-            zero_step(opts[name], weyl_group, flats[name], layout)
+            flat = flats[name]
+            if not nonfinite_anywhere([flat.grad], layout.group):
+                plan = StepPlan([zero_unit(flat, layout)], DeepSpeedZeroAdapter.name, LAYOUT_SIGMA)
+                opts[name].step_plan(weyl_group, plan)
         else:
             opts[name].step()
 
@@ -111,14 +117,13 @@ def time_passes(flat, weyl, layout, fused, steps: int, rank: int) -> None:
     """Medians of the non-finite check, the three kernel passes and fused AdamW's step on the same partition."""
     from hf_weyl.core.cpu_kernel import cpu_kernel
     from hf_weyl.distributed.sigma import matrix_dims
-    from hf_weyl.integrations.deepspeed import _segments
 
     kernel, state = cpu_kernel(), weyl.state[flat]
     idx = [i for i, s in enumerate(layout.shapes) if len(s) >= 2]
     dims = [matrix_dims(layout.shapes[i]) for i in idx]
     pieces = ([layout.offsets[i] for i in idx], [layout.starts[i] for i in idx], [layout.numels[i] for i in idx],
               [m for m, _ in dims], [n for _, n in dims])
-    gaps = [(o, k) for o, k, i in _segments(flat.numel(), list(zip(pieces[0], pieces[2], idx))) if i is None]
+    gaps = uncovered(flat.numel(), list(zip(pieces[0], pieces[2])))
     short, long = sum(min(m, n) for m, n in dims), sum(max(m, n) for m, n in dims)
     work, x, y = weyl._work.get(torch.float32, flat.numel()), torch.randn(short), torch.randn(long)
     calls = {

@@ -12,40 +12,45 @@ step satisfies σ1(W_t − W_{t−1}) ≤ τ σ1(W_{t−1}) (up to the power-ite
 The denominator follows ``torch.optim.AdamW``: U = m̂ / (sqrt(v̂) + ε). With a τ that never binds,
 these functions reproduce AdamW to float rounding.
 
-Two implementations of the step, equal to float rounding:
+One step, :func:`adamweyl`, over *units* (the tensors the elementwise maths runs on: parameters, local
+shards, ZeRO flat partitions) and the *parts* of parameters they hold with their layouts across ranks
+(:mod:`hf_weyl.core.layout`); engine adapters only describe those. Three implementations, chosen explicitly
+(:func:`choose_impl`) and equal to float rounding:
 
-* the eager one (:func:`eager_step`), in phases over lists of tensors (moments, direction, σ's, cap,
-  update) that the engine adapters compose with σ's computed across ranks; it runs everywhere;
-* on the CPU, for contiguous fp32/bf16 matrices, the fused one (``csrc/weyl_cpu.cpp``, see
-  :mod:`hf_weyl.core.cpu_kernel`): three passes over each matrix instead of about 17, the tensors
-  AdamW² does not cap stepped by torch's fused AdamW kernel. :func:`adamweyl_step` picks it.
+* ``eager``: in phases over lists of tensors (moments, direction, σ's by layout, cap, update by segments); it
+  runs everywhere, with σ's of split matrices from ``hf_weyl.distributed``;
+* ``fused_cpu``: whole contiguous fp32/bf16 matrices on the CPU (``csrc/weyl_cpu.cpp``, see
+  :mod:`hf_weyl.core.cpu_kernel`): three passes over each matrix instead of about 17, the tensors AdamW²
+  does not cap stepped by torch's fused AdamW kernel;
+* ``fused_pieces``: flat fp32 CPU partitions of row pieces (ZeRO, ZeRO-Offload), the same three passes with
+  the vector all-reduces between them.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .cpu_kernel import cpu_kernel, kernel_disabled
-from .power_iteration import PowerIters, as_matrix, power_iteration_
+from .layout import Part, RowPiece, ShardedSigma, uncovered
+from .power_iteration import PowerIters, Segments, as_matrix, power_iteration_, power_steps_
 
 __all__ = [
     "FRESH_STEPS",
     "FUSED_CPU_DTYPES",
-    "SigmaFn",
+    "IMPLS",
     "WorkBuffer",
     "adam_direction",
     "adam_moments_",
-    "adamweyl_step",
+    "adamweyl",
     "apply_capped_update_",
     "cap_ratio",
+    "choose_impl",
     "dense_layout",
-    "eager_step",
     "fused_cpu_applies",
     "fused_direction",
     "is_capped",
+    "is_fresh",
     "power_iters_for",
     "same_dense_layout",
 ]
@@ -59,17 +64,15 @@ FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16)
 FRESH_STEPS = 10
 
 
+def is_fresh(steps: list[Tensor]) -> bool:
+    """Whether any of these tensors has taken fewer than :data:`FRESH_STEPS` steps before this one (CPU counters)."""
+    return any(float(s) < FRESH_STEPS for s in steps)
+
+
 def power_iters_for(power_iters: int, cold_start_iters: int, *, cold: bool, fresh: bool) -> PowerIters:
     """Iterations this step: ``cold_start_iters`` for vectors that start cold and, while fresh, for σ1(U)."""
     more = max(power_iters, cold_start_iters)
     return PowerIters(more if cold else power_iters, more if cold or fresh else power_iters)
-
-
-#: σ's of the capped tensors of a step whose matrices are not whole on this device (engine adapters):
-#: ``sigma(indices, weights, directions, weight_vectors, update_vectors, iters)`` gets the positions of
-#: the capped tensors in the step's lists, their local weight and direction tensors, their fp32 warm-start
-#: vectors (updated in place) and the iteration counts, and returns (σ_W, σ1(direction)) as fp32 tensors.
-SigmaFn = Callable[[list[int], list[Tensor], list[Tensor], list[Tensor], list[Tensor], PowerIters], tuple[Tensor, Tensor]]
 
 
 def is_capped(shape: torch.Size | tuple[int, ...], cap_vectors: bool) -> bool:
@@ -235,7 +238,8 @@ class WorkBuffer:
 
 
 def fused_cpu_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> bool:
-    """Whether :func:`adamweyl_step` can take the fused CPU step for these tensors (it also needs the kernel)."""
+    """Whether the fused CPU step on whole matrices can serve these tensors (it also needs the kernel): all on the
+    CPU, contiguous, of one dtype in :data:`FUSED_CPU_DTYPES`."""
     return all(
         t.device.type == "cpu" and t.dtype == params[0].dtype and t.is_contiguous() and not t.is_sparse
         for seq in (params, grads, exp_avgs, exp_avg_sqs)
@@ -243,12 +247,140 @@ def fused_cpu_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     ) and params[0].dtype in FUSED_CPU_DTYPES
 
 
-def adamweyl_step(
+#: The implementations of :func:`adamweyl` (see :func:`choose_impl`).
+IMPLS = ("eager", "fused_cpu", "fused_pieces")
+
+
+def _fused_pieces_applies(params: list[Tensor], grads: list[Tensor], parts: list[list[Part]]) -> bool:
+    """Every unit a flat contiguous fp32 CPU partition whose parts are row pieces over one process group (ZeRO)."""
+    groups = set()
+    for param, grad, unit_parts in zip(params, grads, parts):
+        if not (param.device.type == "cpu" and param.dtype == torch.float32 and param.ndim == 1 and param.is_contiguous()
+                and grad.dtype == torch.float32 and grad.is_contiguous() and grad.shape == param.shape):
+            return False
+        for part in unit_parts:
+            if part.whole_unit or not isinstance(part.layout, RowPiece):
+                return False
+            groups.add(id(part.layout.group))
+    return len(groups) == 1
+
+
+def choose_impl(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    parts: list[list[Part]],
+    capped: list[bool],
+    *,
+    lr: float | Tensor,
+    power_iters: PowerIters,
+    sigma: ShardedSigma | None,
+    sigma_mode: str,
+) -> str:
+    """Which implementation of :func:`adamweyl` steps these units (explicitly, as torch's ``adam()`` picks
+    single-tensor / foreach / fused):
+
+    * ``"fused_cpu"``: whole matrices on one device (no ``sigma``), CPU, contiguous fp32/bf16 — ``csrc/weyl_cpu.cpp``,
+      three passes per matrix, b_W kept between steps;
+    * ``"fused_pieces"``: flat fp32 CPU partitions of row pieces (ZeRO, ZeRO-Offload), one power iteration (warm
+      steps), ``vector_reduce`` — the same kernel's piece passes with two vector all-reduces;
+    * ``"eager"``: everything else (any device, layout, dtype; a device-tensor lr), and everywhere with
+      ``HF_WEYL_CPU_KERNEL=0`` or when the kernel is not built.
+    """
+    if kernel_disabled() or isinstance(lr, Tensor) or not params:
+        return "eager"
+    if sigma is None:
+        if fused_cpu_applies(params, grads, exp_avgs, exp_avg_sqs) and cpu_kernel() is not None:
+            return "fused_cpu"
+        return "eager"
+    if (any(capped) and power_iters == (1, 1) and sigma_mode == "vector_reduce"
+            and _fused_pieces_applies(params, grads, parts) and cpu_kernel() is not None):
+        return "fused_pieces"
+    return "eager"
+
+
+def adamweyl(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
+    parts: list[list[Part]],
+    weight_vectors: list[Tensor | None],
+    update_vectors: list[Tensor | None],
+    weight_products: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    tau: float,
+    power_iters: PowerIters,
+    impl: str,
+    sigma: ShardedSigma | None = None,
+    sigma_mode: str = "vector_reduce",
+    work: WorkBuffer | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One AdamW² step over units (:mod:`hf_weyl.core.layout`) on one device:
+    moments → direction U → σ_W, σ_U (by layout) → ratio = min(1, τσ_W/(lr σ_U)) → W ← W(1 − α'λ) − α'U.
+
+    ``params``, ``grads``, moments and step counters are per unit (local tensors; the counters are advanced in
+    place), ``parts`` per unit; ``weight_vectors``/``update_vectors`` (fp32, warm-started in place; None: the part
+    is not capped) and ``weight_products`` (the fused CPU step's kept b_W) per part, in unit order. ``impl``: one of
+    :data:`IMPLS` (:func:`choose_impl`); ``sigma`` computes σ's of parts with a layout. Returns (lr ratio, σ_W,
+    σ_U) per part as fp32 tensors (σ = 0 where not capped)."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, tau=tau, power_iters=power_iters)
+    if impl == "fused_cpu":
+        return _fused_cpu_step(cpu_kernel(), params, grads, exp_avgs, exp_avg_sqs, steps, weight_vectors,
+                               update_vectors, weight_products, work, **hyper)
+    if impl == "fused_pieces":
+        outs = [_fused_pieces_step(cpu_kernel(), params[u], grads[u], exp_avgs[u], exp_avg_sqs[u], steps[u], parts[u],
+                                   _of_unit(weight_vectors, parts, u), _of_unit(update_vectors, parts, u), sigma, work,
+                                   **hyper) for u in range(len(params))]
+        return tuple(torch.cat(x) for x in zip(*outs))  # type: ignore[return-value]
+    if impl != "eager":
+        raise ValueError(f"unknown AdamW² implementation {impl!r}; valid: {IMPLS}")
+    return _eager_step(params, grads, exp_avgs, exp_avg_sqs, steps, parts, weight_vectors, update_vectors, **hyper,
+                       sigma=sigma, sigma_mode=sigma_mode, work=work)
+
+
+def _of_unit(per_part: list, parts: list[list[Part]], u: int) -> list:
+    start = sum(len(p) for p in parts[:u])
+    return per_part[start : start + len(parts[u])]
+
+
+def _part_view(unit: Tensor, part: Part) -> Tensor:
+    """The part's local elements: the unit itself, or its stretch of the flattened unit."""
+    return unit if part.whole_unit else unit.view(-1).narrow(0, part.offset, part.numel)
+
+
+def _segments(units: list[Tensor], parts: list[list[Part]]) -> list[tuple[int, int | None, int, int]]:
+    """Stretches covering every unit once, for the update: ``(unit, part index or None, offset, numel)`` — a whole-unit
+    part is the unit in its own layout (offset 0, numel -1); a flat unit is cut into its parts' pieces and the gaps
+    between them (padding, stepped with lr ratio 1)."""
+    out, i = [], 0
+    for u, (unit, unit_parts) in enumerate(zip(units, parts)):
+        if len(unit_parts) == 1 and unit_parts[0].whole_unit:
+            out.append((u, i, 0, -1))
+            i += 1
+            continue
+        pieces = [(part.offset, part.numel, i + j) for j, part in enumerate(unit_parts) if part.numel]
+        gaps = uncovered(unit.numel(), [(off, numel) for off, numel, _ in pieces])
+        for off, numel, j in sorted(pieces + [(off, numel, None) for off, numel in gaps], key=lambda s: s[0]):
+            out.append((u, j, off, numel))
+        i += len(unit_parts)
+    return out
+
+
+def _eager_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    parts: list[list[Part]],
     weight_vectors: list[Tensor | None],
     update_vectors: list[Tensor | None],
     *,
@@ -259,26 +391,63 @@ def adamweyl_step(
     weight_decay: float,
     tau: float,
     power_iters: PowerIters,
-    sigma: SigmaFn | None = None,
-    weight_products: list[Tensor | None] | None = None,
-    work: WorkBuffer | None = None,
+    sigma: ShardedSigma | None,
+    sigma_mode: str,
+    work: WorkBuffer | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One AdamW² step over tensors on one device. Tensors whose vectors are None are not capped.
+    """The AdamW² step in phases, on any device (the reference the fused steps equal). On the CPU, with a ``work``
+    buffer, moments and U come from torch's fused AdamW kernel in one pass (:func:`fused_direction`), else (and
+    with ``HF_WEYL_CPU_KERNEL=0``) from foreach ops."""
+    device = params[0].device
+    if work is not None and fused_direction_applies(params, grads, exp_avgs, exp_avg_sqs):
+        directions = fused_direction(work, grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps)
+        scales = [1.0] * len(params)
+    else:
+        bc1, bc2 = adam_moments_(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2)
+        directions, scales = adam_direction(exp_avgs, exp_avg_sqs, bc1, bc2, eps=eps)
 
-    Takes the fused CPU step where it applies (CPU, contiguous fp32/bf16, whole matrices — no ``sigma``
-    — and ``weight_products``/``work`` given: the per-matrix fp32 vector b_W = B_W x_W the fused step
-    keeps between steps, and its work buffer), else :func:`eager_step`. ``sigma`` (a :data:`SigmaFn`)
-    computes the σ's of the capped tensors when their matrices are split across ranks. Returns
-    (lr ratio, σ_W, σ_U) per tensor as fp32 tensors on the device (σ = 0 where not capped).
-    """
-    lists = (params, grads, exp_avgs, exp_avg_sqs, steps, weight_vectors, update_vectors)
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, tau=tau, power_iters=power_iters)
-    fused = sigma is None and weight_products is not None and work is not None and not isinstance(lr, Tensor)
-    if fused and fused_cpu_applies(*lists[:4]):
-        kernel = cpu_kernel()
-        if kernel is not None:
-            return _fused_cpu_step(kernel, *lists, weight_products, work, **hyper)
-    return eager_step(*lists, **hyper, sigma=sigma, work=work)
+    flat = [(u, part) for u, unit_parts in enumerate(parts) for part in unit_parts]
+    n = len(flat)
+    sigma_w = torch.zeros(n, dtype=torch.float32, device=device)
+    sigma_u = torch.zeros(n, dtype=torch.float32, device=device)
+    idx = [i for i, v in enumerate(weight_vectors) if v is not None]
+    whole = [i for i in idx if flat[i][1].layout is None]
+    sharded = [i for i in idx if flat[i][1].layout is not None]
+    for chosen, sharded_here in ((whole, False), (sharded, True)):
+        if not chosen:
+            continue
+        w_vecs, u_vecs = [weight_vectors[i] for i in chosen], [update_vectors[i] for i in chosen]
+        weights = [_part_view(params[flat[i][0]], flat[i][1]) for i in chosen]
+        updates = [_part_view(directions[flat[i][0]], flat[i][1]) for i in chosen]
+        if not sharded_here:
+            sw = power_iteration_([as_matrix(w) for w in weights], w_vecs, power_iters.weight)
+            su = power_iteration_([as_matrix(d) for d in updates], u_vecs, power_iters.update)
+        else:
+            if sigma is None:
+                raise RuntimeError("AdamWeyl: parts laid out across ranks need a sharded σ (StepPlan.sigma)")
+            sw, su = sigma.sigmas([flat[i][1].layout for i in chosen], weights, updates, w_vecs, u_vecs, power_iters,
+                                  sigma_mode)
+        index = torch.tensor(chosen, device=device)
+        sigma_w.index_copy_(0, index, sw.to(device))
+        scale = torch.tensor([scales[flat[i][0]] for i in chosen], device=device)
+        sigma_u.index_copy_(0, index, su.to(device) * scale)  # σ1(sD) = s σ1(D)
+    capped = torch.zeros(n, dtype=torch.bool, device=device)
+    if idx:
+        capped[idx] = True
+    ratio = cap_ratio(sigma_w, sigma_u, capped, lr=lr, tau=tau)
+
+    segments = _segments(params, parts)
+    if all(numel == -1 for _, _, _, numel in segments):  # one whole part per unit: segment i is unit i
+        apply_capped_update_(params, directions, ratio, scales, lr=lr, weight_decay=weight_decay)
+    elif segments:
+        seg_w = [params[u] if numel == -1 else params[u].view(-1).narrow(0, off, numel) for u, _, off, numel in segments]
+        seg_u = [directions[u] if numel == -1 else directions[u].view(-1).narrow(0, off, numel)
+                 for u, _, off, numel in segments]
+        padded = torch.cat([ratio, ratio.new_ones(1)])  # gaps take ratio 1
+        seg_ratio = padded[torch.tensor([n if j is None else j for _, j, _, _ in segments], device=device)]
+        apply_capped_update_(seg_w, seg_u, seg_ratio, [scales[u] for u, _, _, _ in segments], lr=lr,
+                             weight_decay=weight_decay)
+    return ratio, sigma_w, sigma_u
 
 
 def _fused_cpu_step(
@@ -301,8 +470,8 @@ def _fused_cpu_step(
     tau: float,
     power_iters: PowerIters,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The fused CPU step: torch's fused AdamW for the tensors that are not capped, ``csrc/weyl_cpu.cpp`` for
-    the matrices (three passes each; see the source for the maths)."""
+    """The fused CPU step on whole matrices (one part per unit): torch's fused AdamW for the tensors that are not
+    capped, ``csrc/weyl_cpu.cpp`` for the matrices (three passes each; see the source for the maths)."""
     advance_steps_(steps)
     n = len(params)
     ratio, sigma_w, sigma_u = torch.ones(n), torch.zeros(n), torch.zeros(n)
@@ -330,53 +499,72 @@ def _fused_cpu_step(
     return ratio, sigma_w, sigma_u
 
 
-def eager_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
+def _fused_pieces_step(
+    kernel,
+    flat: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    parts: list[Part],
     weight_vectors: list[Tensor | None],
     update_vectors: list[Tensor | None],
+    sigma: ShardedSigma,
+    work: WorkBuffer,
     *,
-    lr: float | Tensor,
+    lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
     tau: float,
     power_iters: PowerIters,
-    sigma: SigmaFn | None = None,
-    work: WorkBuffer | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The AdamW² step in phases, on any device (the reference the fused step equals). On the CPU, with a
-    ``work`` buffer, moments and U come from torch's fused AdamW kernel in one pass (:func:`fused_direction`),
-    else (and with ``HF_WEYL_CPU_KERNEL=0``) from foreach ops."""
-    device = params[0].device
-    if work is not None and fused_direction_applies(params, grads, exp_avgs, exp_avg_sqs):
-        directions = fused_direction(work, grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps)
-        scales = [1.0] * len(params)
-    else:
-        bc1, bc2 = adam_moments_(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2)
-        directions, scales = adam_direction(exp_avgs, exp_avg_sqs, bc1, bc2, eps=eps)
-
-    n = len(params)
-    sigma_w = torch.zeros(n, dtype=torch.float32, device=device)
-    sigma_u = torch.zeros(n, dtype=torch.float32, device=device)
+    """A warm step (one power iteration) of a flat fp32 CPU partition of row pieces in three passes of
+    ``csrc/weyl_cpu.cpp`` (``pieces_pass1``: moments, U and the partial B x of W and U; ``pieces_pass2``: the partial
+    Bᵀ y; ``pieces_update``), with one all-reduce of the partial products after each of the first two: what the
+    single-process fused step costs, plus two vector all-reduces. Equal to the eager step to float rounding."""
+    advance_steps_([step])
+    t = float(step)
     idx = [i for i, v in enumerate(weight_vectors) if v is not None]
-    if idx:
-        w_vecs, u_vecs = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
-        if sigma is None:
-            sw = power_iteration_([as_matrix(params[i]) for i in idx], w_vecs, power_iters.weight)
-            su = power_iteration_([as_matrix(directions[i]) for i in idx], u_vecs, power_iters.update)
-        else:
-            sw, su = sigma(idx, [params[i] for i in idx], [directions[i] for i in idx], w_vecs, u_vecs, power_iters)
-        index = torch.tensor(idx, device=device)
-        sigma_w.index_copy_(0, index, sw)
-        sigma_u.index_copy_(0, index, su * torch.tensor([scales[i] for i in idx], device=device))  # σ1(sD) = s σ1(D)
-    capped = torch.zeros(n, dtype=torch.bool, device=device)
-    if idx:
-        capped[idx] = True
+    group = parts[idx[0]].layout.group
+    dims = [parts[i].layout.dims for i in idx]
+    rows, cols = [m for m, _ in dims], [n for _, n in dims]
+    offsets, starts, numels = [parts[i].offset for i in idx], [parts[i].layout.start for i in idx], [parts[i].numel for i in idx]
+    gaps = uncovered(flat.numel(), list(zip(offsets, numels)))
+    buffer = work.get(torch.float32, flat.numel())
+    tall = [n <= m for m, n in dims]
+    short = Segments([n if t_ else m for (m, n), t_ in zip(dims, tall)] * 2, flat.device)
+    long = Segments([m if t_ else n for (m, n), t_ in zip(dims, tall)] * 2, flat.device)
+    pieces = (offsets, starts, numels, rows, cols)
+    half = sum(long.sizes) // 2
+
+    def long_products(xs: list[Tensor]) -> Tensor:  # pass 1: moments, U, B x of W and U
+        x = torch.cat(xs)
+        out = kernel.pieces_pass1(flat, grad, exp_avg, exp_avg_sq, buffer, *pieces, [g[0] for g in gaps],
+                                  [g[1] for g in gaps], x[: x.numel() // 2].contiguous(), x[x.numel() // 2 :].contiguous(),
+                                  1 - beta1**t, 1 - beta2**t, beta1, beta2, eps)
+        sigma.all_reduce_(out, group)
+        return out
+
+    def short_products(ys: list[Tensor]) -> Tensor:  # pass 2: Bᵀ y of W and U
+        y = torch.cat(ys)
+        out = kernel.pieces_pass2(flat, buffer, *pieces, y[:half].contiguous(), y[half:].contiguous())
+        sigma.all_reduce_(out, group)
+        return out
+
+    w_vecs, u_vecs = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
+    both, x = power_steps_(long_products, short_products, torch.cat(w_vecs + u_vecs), short, long, 1)
+    torch._foreach_copy_(w_vecs + u_vecs, list(x.split(short.sizes)))
+    n, k = len(parts), len(idx)
+    sigma_w, sigma_u = torch.zeros(n), torch.zeros(n)
+    index = torch.tensor(idx)
+    sigma_w.index_copy_(0, index, both[:k])
+    sigma_u.index_copy_(0, index, both[k:])
+    capped = torch.zeros(n, dtype=torch.bool)
+    capped[idx] = True
     ratio = cap_ratio(sigma_w, sigma_u, capped, lr=lr, tau=tau)
-    apply_capped_update_(params, directions, ratio, scales, lr=lr, weight_decay=weight_decay)
+    ratios = ratio[index].tolist()
+    kernel.pieces_update(flat, buffer, offsets + [g[0] for g in gaps], numels + [g[1] for g in gaps],
+                         [lr * r for r in ratios] + [lr] * len(gaps), weight_decay)
     return ratio, sigma_w, sigma_u

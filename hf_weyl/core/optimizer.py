@@ -21,7 +21,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .functional import FRESH_STEPS, SigmaFn, WorkBuffer, adamweyl_step, is_capped, power_iters_for
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .functional import WorkBuffer, adamweyl, choose_impl, is_capped, is_fresh, power_iters_for
+from .layout import SIGMA_MODES, Part, StepPlan, Unit
 from .power_iteration import initial_vector, vector_length
 
 __all__ = [
@@ -47,9 +50,6 @@ DEFAULT_COLD_START_ITERS = 16
 #: geometrically); a larger value is a typo that would make every step take minutes.
 MAX_POWER_ITERS = 256
 
-#: How σ's of matrices split across ranks are computed (see ``hf_weyl.distributed``).
-SIGMA_MODES = ("vector_reduce", "gather")
-
 #: Optimizer-state keys of the power-iteration vectors (fp32, kept between steps), and of the product
 #: b_W = B_W x_W of the weights after the last update that the fused CPU step keeps for the next one
 #: (fp64; used only if the next step's product of the weights and x_W as they are then reproduces it bit for bit).
@@ -57,6 +57,13 @@ WEIGHT_VECTOR = "weight_vector"
 UPDATE_VECTOR = "update_vector"
 WEIGHT_PRODUCT = "weight_product"
 KEEP_DTYPE_STATE = (WEIGHT_VECTOR, UPDATE_VECTOR, WEIGHT_PRODUCT)
+
+#: Optimizer-state key of the vectors of a unit holding several parameters' pieces (a DeepSpeed ZeRO flat
+#: partition): a dict of one (2, Σk) fp32 tensor (``"vectors"``, row 0 for W, row 1 for U) and the vector lengths
+#: (``"lengths"``). A dict, not a tensor, on purpose: DeepSpeed's universal-checkpoint conversion cuts every *tensor*
+#: of a partition's state at the partition padding, and passes other values through. (The name is the one
+#: checkpoints have always carried.)
+PACKED_VECTORS = "zero_weyl"
 
 #: Param-group key: the group's position when it was added (DeepSpeed ZeRO narrows ``param_groups``
 #: to one group per call; this finds the parameters the group was built with).
@@ -137,14 +144,16 @@ class CapStats:
 
 
 class EngineAdapter(Protocol):
-    """Steps the param groups whose tensors an engine has replaced or sharded (``hf_weyl.integrations``).
+    """Describes the param groups whose tensors an engine has replaced or sharded (``hf_weyl.integrations``);
+    ``AdamWeyl`` steps them.
 
     ``check_construction(optimizer)`` (a classmethod) runs when an ``AdamWeyl`` is built and refuses engine
     configurations already announced that the adapter cannot honour. ``claims(optimizer, group)`` (a
-    classmethod, asked for every group at construction and at every step) says whether the group's
+    classmethod, asked for every group at construction and when its tensors change) says whether the group's
     tensors are the adapter's engine's; it may raise to refuse a layout it recognises but cannot honour.
-    One adapter instance per optimizer steps the claimed groups: ``step_group(optimizer, group)`` returns
-    the group's :class:`CapStats` (or None when the step was skipped)."""
+    One adapter instance per optimizer describes the claimed groups: ``describe(optimizer, group)`` returns a
+    :class:`~hf_weyl.core.layout.StepPlan` (units, the parts they hold and their layouts), or None when this
+    step is skipped (e.g. a non-finite gradient on some rank, decided from reduced values)."""
 
     name: str
 
@@ -154,7 +163,7 @@ class EngineAdapter(Protocol):
     @classmethod
     def claims(cls, optimizer: AdamWeyl, group: dict[str, Any]) -> bool: ...
 
-    def step_group(self, optimizer: AdamWeyl, group: dict[str, Any]) -> CapStats | None: ...
+    def describe(self, optimizer: AdamWeyl, group: dict[str, Any]) -> StepPlan | None: ...
 
 
 _ENGINE_ADAPTERS: list[type[EngineAdapter]] = []
@@ -327,8 +336,9 @@ class AdamWeyl(Optimizer):
         self._built_ids: set[int] = set()
         self._adapters: dict[str, EngineAdapter] = {}
         self._claimed: dict[int, tuple[tuple, EngineAdapter | None]] = {}  # see _adapter_for
-        self._group_stats: dict[int, CapStats | None] = {}
+        self._group_stats: dict[int, dict[int, CapStats]] = {}  # group index → first parameter's position → stats
         self._work = WorkBuffer()  # the fused CPU step's buffer for U, kept between steps
+        self._counters: WeakIdKeyDictionary = WeakIdKeyDictionary()  # step counter → the state key that owns it
         super().__init__(params, defaults)
         self.last_stats: CapStats | None = None
         _guard_foreign_steps()
@@ -373,6 +383,7 @@ class AdamWeyl(Optimizer):
         self.__dict__.setdefault("_claimed", {})
         self.__dict__.setdefault("_group_stats", {})
         self.__dict__.setdefault("_work", WorkBuffer())
+        self.__dict__.setdefault("_counters", WeakIdKeyDictionary())
         self.__dict__.setdefault("last_stats", None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -414,85 +425,122 @@ class AdamWeyl(Optimizer):
             )
         return None
 
-    def _init_state(self, p: Tensor, capped: bool, whole: bool) -> bool:
-        """Create missing state for ``p``; True if its power-iteration vectors start cold. ``whole``: the
-        matrix is whole on this device (it may take the fused CPU step, which keeps b_W between steps)."""
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if capped and whole and p.device.type == "cpu" and WEIGHT_PRODUCT not in state:
-            state[WEIGHT_PRODUCT] = torch.zeros(0, dtype=torch.float64)  # none yet: the first fused step computes it
-        if capped and WEIGHT_VECTOR not in state:
-            k = vector_length(p.shape)
-            state[WEIGHT_VECTOR] = initial_vector(k, p.device)
-            state[UPDATE_VECTOR] = initial_vector(k, p.device)
-            return True
-        return False
+    def _describe(self, group: dict[str, Any]) -> StepPlan:
+        """The plan of a group of parameters whole on this device: one unit per parameter with a gradient."""
+        return StepPlan([Unit(p, p, p.grad, [Part(p, p.shape)]) for p in group["params"] if p.grad is not None])
 
-    def step_tensors(
-        self,
-        group: dict[str, Any],
-        *,
-        local: Callable[[Tensor], Tensor] | None = None,
-        sigma: Callable[..., tuple[Tensor, Tensor]] | None = None,
-        engine: str = "single_device",
-    ) -> CapStats | None:
-        """AdamW² on the parameters of ``group`` that have a gradient; state is kept per parameter.
+    def _state_for(self, unit: Unit, capped: list[bool], keep_product: bool) -> tuple[dict[str, Any], list, list, list, bool]:
+        """The state of ``unit`` — the one place optimizer state is created — and its parts' (weight vector, update
+        vector, kept b_W) (None where a part is not capped); True if some vector starts cold.
 
-        Engine adapters whose parameters are sharded tensors reuse this step: ``local`` maps a parameter, a
-        gradient or a state tensor to the tensor the elementwise maths runs on (e.g. a DTensor's local
-        shard), and ``sigma(params, weights, directions, weight_vectors, update_vectors, iters)`` computes
-        the σ's of the capped ``params`` from the local ``weights``/``directions`` (a collective call).
-        Without them, tensors are whole on one device and σ's come from power iteration.
-        """
-        local = local or (lambda t: t)
+        Moments are shaped like the unit's key (a parameter, a DTensor, a flat partition). The step counter is a CPU
+        fp32 tensor owned by this unit: one shared with another state (DeepSpeed's ZeRO-3 universal-checkpoint load
+        puts one tensor into every sub-group) is copied first, so no step is counted twice. Vectors (fp32, length
+        min(m, n) of the full matrix) are kept per tensor for a unit that is one parameter, and packed
+        (:data:`PACKED_VECTORS`) for a unit holding several parameters' pieces; ``keep_product``: whole CPU
+        matrices keep b_W for the fused step."""
+        key = unit.key
+        state = self.state[key]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(key, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(key, memory_format=torch.preserve_format)
+        step = state.get("step", 0.0)
+        owner = self._counters.get(step) if torch.is_tensor(step) else None
+        if owner is not key or step.device.type != "cpu" or step.dtype != torch.float32:
+            state["step"] = step = torch.as_tensor(step, dtype=torch.float32, device="cpu").clone()
+            self._counters[step] = key
+        cold = False
+        none = [None] * len(capped)
+        if not any(capped):
+            return state, none, none, none, cold
+        parts = unit.parts
+        if len(parts) == 1 and parts[0].param is key:
+            if WEIGHT_VECTOR not in state:
+                k = vector_length(parts[0].shape)
+                state[WEIGHT_VECTOR] = initial_vector(k, key.device)
+                state[UPDATE_VECTOR] = initial_vector(k, key.device)
+                cold = True
+            if keep_product and key.device.type == "cpu" and WEIGHT_PRODUCT not in state:
+                state[WEIGHT_PRODUCT] = torch.zeros(0, dtype=torch.float64)  # none yet: the first fused step computes it
+            return state, [state[WEIGHT_VECTOR]], [state[UPDATE_VECTOR]], [state.get(WEIGHT_PRODUCT)], cold
+        lengths = [vector_length(part.shape) for part, c in zip(parts, capped) if c]
+        saved = state.get(PACKED_VECTORS)
+        if isinstance(saved, dict) and [int(k) for k in saved.get("lengths", ())] == lengths:
+            vectors = saved["vectors"]
+            if vectors.device != unit.param.device or vectors.dtype != torch.float32:  # e.g. loaded onto the CPU
+                saved["vectors"] = vectors = vectors.to(device=unit.param.device, dtype=torch.float32)
+        else:  # new, or laid out differently (a universal checkpoint drops them): cold
+            row = torch.cat([initial_vector(k) for k in lengths])
+            vectors = torch.stack([row, row.clone()]).to(unit.param.device)
+            state[PACKED_VECTORS] = {"vectors": vectors, "lengths": list(lengths)}
+            cold = True
+        w_vecs, u_vecs = iter(vectors[0].split(lengths)), iter(vectors[1].split(lengths))
+        return state, [next(w_vecs) if c else None for c in capped], [next(u_vecs) if c else None for c in capped], \
+            none, cold
+
+    def _step_plan(self, group: dict[str, Any], plan: StepPlan) -> list[tuple[list[Unit], CapStats]]:
+        """AdamW² on the units of ``plan`` (:func:`~hf_weyl.core.functional.adamweyl`), bucketed by device and dtype;
+        each bucket's units and statistics."""
         beta1, beta2 = group["betas"]
-        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
+        buckets: dict[tuple[torch.device, torch.dtype], list[Unit]] = {}
+        for unit in plan.units:
+            if unit.grad.is_sparse:
                 raise RuntimeError(
-                    f"AdamWeyl does not support sparse gradients (parameter of shape {tuple(p.shape)}); "
+                    f"AdamWeyl does not support sparse gradients (parameter of shape {tuple(unit.key.shape)}); "
                     "use dense gradients (e.g. nn.Embedding(sparse=False))"
                 )
-            buckets.setdefault((p.device, p.dtype), []).append(p)
+            buckets.setdefault((unit.param.device, unit.param.dtype), []).append(unit)
 
-        parts = []
-        for params in buckets.values():
-            capped = [is_capped(p.shape, group["cap_vectors"]) for p in params]
-            cold = any([self._init_state(p, c, sigma is None) for p, c in zip(params, capped)])
-            states = [self.state[p] for p in params]
-            fresh = any(float(s["step"]) < FRESH_STEPS for s, c in zip(states, capped) if c)  # (CPU counters)
+        out = []
+        for units in buckets.values():
+            capped = [[is_capped(part.shape, group["cap_vectors"]) for part in u.parts] for u in units]
+            states, w_vecs, u_vecs, products, cold = [], [], [], [], False
+            for unit, c in zip(units, capped):
+                state, wv, uv, wp, unit_cold = self._state_for(unit, c, keep_product=plan.sigma is None)
+                states.append(state), w_vecs.extend(wv), u_vecs.extend(uv), products.extend(wp)
+                cold |= unit_cold
+            fresh = is_fresh([s["step"] for s, c in zip(states, capped) if any(c)])
             iters = power_iters_for(group["power_iters"], group["cold_start_iters"], cold=cold, fresh=fresh)
-            bucket_sigma: SigmaFn | None = None
-            if sigma is not None:
-                def bucket_sigma(idx, *rest, _params=params):  # positions in this bucket → the parameters
-                    return sigma([_params[i] for i in idx], *rest)
-
-            ratio, sw, su = adamweyl_step(
-                [local(p) for p in params],
-                [local(p.grad) for p in params],
-                [local(s["exp_avg"]) for s in states],
-                [local(s["exp_avg_sq"]) for s in states],
-                [s["step"] for s in states],
-                [s[WEIGHT_VECTOR] if c else None for s, c in zip(states, capped)],
-                [s[UPDATE_VECTOR] if c else None for s, c in zip(states, capped)],
-                lr=_host_or_device_lr(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                tau=group["tau"],
-                power_iters=iters,
-                sigma=bucket_sigma,
-                weight_products=[s.get(WEIGHT_PRODUCT) if c else None for s, c in zip(states, capped)],
+            lists = ([u.param for u in units], [u.grad for u in units], [plan.local(s["exp_avg"]) for s in states],
+                     [plan.local(s["exp_avg_sq"]) for s in states])
+            parts = [u.parts for u in units]
+            lr = _host_or_device_lr(group["lr"])
+            impl = choose_impl(*lists, parts, [c for cs in capped for c in cs], lr=lr, power_iters=iters,
+                               sigma=plan.sigma, sigma_mode=group["sigma_mode"])
+            ratio, sw, su = adamweyl(
+                *lists, [s["step"] for s in states], parts, w_vecs, u_vecs, products,
+                lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                tau=group["tau"], power_iters=iters, impl=impl, sigma=plan.sigma, sigma_mode=group["sigma_mode"],
                 work=self._work,
             )
-            parts.append(CapStats(params, ratio, sw, su, torch.tensor(capped, device=ratio.device), engine))
-        return CapStats.cat(parts) if parts else None
+            out.append((units, CapStats([part.param for u in units for part in u.parts], ratio, sw, su,
+                                        torch.tensor([c for cs in capped for c in cs], device=ratio.device), plan.engine)))
+        return out
+
+    def step_plan(self, group: dict[str, Any], plan: StepPlan) -> CapStats | None:
+        """Step the units an adapter described for ``group`` (what ``step()`` does with each group's plan) and keep
+        their statistics for ``last_stats``; returns this call's statistics (None: nothing had a gradient)."""
+        stats = self._step_plan(group, plan)
+        self._record(group, plan, stats)
+        return CapStats.cat([s for _, s in stats]) if stats else None
+
+    def _record(self, group: dict[str, Any], plan: StepPlan, stats: list[tuple[list[Unit], CapStats]]) -> None:
+        """Keep the group's statistics: this step's, or (``plan.partial``: ZeRO steps one flat partition per call)
+        merged with those of the units not stepped in this call, in the order of the group's parameters."""
+        index = group[GROUP_INDEX]
+        if not plan.partial:
+            self._group_stats[index] = {i: s for i, (_, s) in enumerate(stats)}
+            return
+        kept = self._group_stats.setdefault(index, {})
+        originals = self.group_params(group)
+        for units, s in stats:
+            pos = 0
+            for unit in units:
+                k, first = len(unit.parts), unit.parts[0].param
+                kept[next(j for j, p in enumerate(originals) if p is first)] = CapStats(
+                    s.params[pos : pos + k], s.lr_ratio[pos : pos + k], s.sigma_weight[pos : pos + k],
+                    s.sigma_update[pos : pos + k], s.capped[pos : pos + k], s.engine)
+                pos += k
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -506,9 +554,10 @@ class AdamWeyl(Optimizer):
             if not group["params"]:
                 continue  # (DeepSpeed ZeRO-3 empties the groups it is not stepping in this call)
             adapter = self._adapter_for(group)
-            stats = adapter.step_group(self, group) if adapter is not None else self.step_tensors(group)
-            self._group_stats[group[GROUP_INDEX]] = stats
-        parts = [s for _, s in sorted(self._group_stats.items()) if s is not None]
+            plan = adapter.describe(self, group) if adapter is not None else self._describe(group)
+            if plan is not None:
+                self.step_plan(group, plan)
+        parts = [s for _, kept in sorted(self._group_stats.items()) for _, s in sorted(kept.items())]
         self.last_stats = CapStats.cat(parts) if parts else None
         return loss
 

@@ -23,7 +23,7 @@ small ops whatever the number of matrices (what an accelerator's launch overhead
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -33,6 +33,7 @@ __all__ = [
     "PowerIters",
     "Segments",
     "as_matrix",
+    "matrix_dims",
     "finite_sigma",
     "initial_vector",
     "power_iteration_",
@@ -51,22 +52,23 @@ class PowerIters(NamedTuple):
     update: int
 
 
+def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
+    """(m, n) of the matrix AdamW² caps for a tensor of this shape: (shape[0], rest) for ≥2-D tensors, (1, n) for
+    vectors and scalars — the one definition of the matrix view."""
+    shape = torch.Size(shape)
+    if len(shape) >= 2:
+        return int(shape[0]), int(shape[1:].numel())
+    return 1, int(shape.numel())
+
+
 def as_matrix(t: Tensor) -> Tensor:
-    """The matrix whose σ1 AdamW² controls: ``(shape[0], rest)`` for ≥2-D tensors, ``(1, n)`` for vectors."""
-    if t.ndim >= 2:
-        return t.reshape(t.shape[0], torch.Size(t.shape[1:]).numel())  # explicit: -1 is ambiguous for empty tensors
-    return t.reshape(1, t.numel())
+    """The matrix whose σ1 AdamW² controls (:func:`matrix_dims`) as a view or copy of ``t``."""
+    return t.reshape(matrix_dims(t.shape))  # explicit sizes: -1 is ambiguous for empty tensors
 
 
 def vector_length(shape: torch.Size | tuple[int, ...]) -> int:
     """Length of the power-iteration vector kept for a tensor of this shape: min(m, n) of its matrix view."""
-    if len(shape) == 0:
-        return 1
-    m = shape[0] if len(shape) >= 2 else 1
-    n = 1
-    for s in shape[1:] if len(shape) >= 2 else shape:
-        n *= s
-    return max(1, min(m, n))
+    return max(1, min(matrix_dims(shape)))
 
 
 def initial_vector(length: int, device: torch.device | str | None = None) -> Tensor:

@@ -32,35 +32,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.power_iteration import PowerIters, Segments, power_iteration_, power_steps_
+from ..core.layout import SIGMA_MODES, Block, RowPiece
+from ..core.power_iteration import PowerIters, Segments, matrix_dims, power_iteration_, power_steps_
 from .collectives import COMM_STATS, all_gather, all_reduce_
 
 __all__ = [
     "COMM_STATS",
+    "LAYOUT_SIGMA",
     "SIGMA_MODES",
     "Blocks",
     "Pieces",
     "block_comm_bytes_per_step",
     "block_sigmas",
     "comm_bytes_per_step",
+    "layout_sigmas",
     "matrix_dims",
     "sharded_sigmas",
     "tp_comm_bytes_per_step",
 ]
-
-#: How σ's of split matrices are computed (``sigma_mode`` option of ``AdamWeyl``).
-SIGMA_MODES = ("vector_reduce", "gather")
-
-
-
-
-def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
-    """(m, n) of the matrix AdamW² caps for a tensor of this shape: (shape[0], rest), vectors (1, n)."""
-    shape = torch.Size(shape)
-    if len(shape) >= 2:
-        return int(shape[0]), int(shape[1:].numel())
-    return 1, int(shape.numel())
-
 
 @dataclass(frozen=True)
 class Pieces:
@@ -446,3 +435,72 @@ def tp_comm_bytes_per_step(
     if fsdp_only and dp > 1:
         parts.append(comm_bytes_per_step(list(fsdp_only), dp, mode, **kw))
     return {k: sum(p[k] for p in parts) for k in ("payload", "wire", "collectives")}
+
+
+# --------------------------------------------------------------------------------------------
+# σ's by layout: what the core step calls
+# --------------------------------------------------------------------------------------------
+
+
+def piece_as_block(piece: RowPiece) -> tuple[Index, Index]:
+    """(rows, cols) of a row piece holding whole rows of an m×n matrix, or a run of a 1×n one."""
+    m, n = piece.dims
+    if not piece.numel:
+        return slice(0, 0), slice(0, 0)
+    if m == 1:
+        return slice(0, 1), slice(piece.start, piece.start + piece.numel)
+    return slice(piece.start // n, (piece.start + piece.numel) // n), slice(0, n)
+
+
+def layout_sigmas(
+    layouts: list[RowPiece | Block],
+    weights: list[Tensor],
+    directions: list[Tensor],
+    weight_vectors: list[Tensor],
+    update_vectors: list[Tensor],
+    iters: PowerIters,
+    mode: str,
+) -> tuple[Tensor, Tensor]:
+    """(σ_W, σ_U) of matrices laid out across ranks (:mod:`hf_weyl.core.layout`), batched per reduction: row pieces
+    over one group in one :func:`sharded_sigmas`, blocks over the same groups in one :func:`block_sigmas`; under
+    ``vector_reduce`` row pieces join the blocks reduced over their group alone (TP: Colwise and Rowwise shards in
+    the same collectives). A collective call; the batches run in first-appearance order, identical on every rank."""
+    device = weight_vectors[0].device
+    sigma_w = torch.zeros(len(layouts), dtype=torch.float32, device=device)
+    sigma_u = torch.zeros_like(sigma_w)
+    batches: dict[Any, list[int]] = {}
+    for i, lay in enumerate(layouts):
+        batches.setdefault(("blocks", lay.groups) if isinstance(lay, Block) else lay.group, []).append(i)
+    if mode == "vector_reduce":
+        for key in [k for k in batches if isinstance(k, tuple) and len(k[1]) == 1]:
+            if key[1][0] in batches:
+                batches[key] = sorted(batches[key] + batches.pop(key[1][0]))
+    for key, idx in batches.items():
+        w, d = [weights[i] for i in idx], [directions[i] for i in idx]
+        wv, uv = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
+        if isinstance(key, tuple):
+            cuts = [(layouts[i].rows, layouts[i].cols) if isinstance(layouts[i], Block) else piece_as_block(layouts[i])
+                    for i in idx]
+            grid = tuple(zip(*[layouts[i].grid for i in idx])) if mode == "gather" else None
+            where = Blocks(tuple(layouts[i].dims for i in idx), tuple(r for r, _ in cuts), tuple(c for _, c in cuts),
+                           key[1], grid)
+            sw, su = block_sigmas(w, d, where, wv, uv, iters, mode)
+        else:
+            where = Pieces(tuple(layouts[i].dims for i in idx), tuple(layouts[i].start for i in idx),
+                           tuple(layouts[i].numel for i in idx), key)
+            sw, su = sharded_sigmas(w, d, where, wv, uv, iters, mode)
+        index = torch.tensor(idx, device=device)
+        sigma_w.index_copy_(0, index, sw.to(device))
+        sigma_u.index_copy_(0, index, su.to(device))
+    return sigma_w, sigma_u
+
+
+class _LayoutSigma:
+    """The distributed tier as the core step calls it (:class:`hf_weyl.core.layout.ShardedSigma`)."""
+
+    sigmas = staticmethod(layout_sigmas)
+    all_reduce_ = staticmethod(all_reduce_)
+
+
+#: σ's of matrices laid out across ranks, for :class:`hf_weyl.core.layout.StepPlan`.
+LAYOUT_SIGMA = _LayoutSigma()

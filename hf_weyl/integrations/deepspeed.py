@@ -42,15 +42,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..core.cpu_kernel import cpu_kernel, kernel_disabled
-from ..core.functional import (
-    FRESH_STEPS, adam_direction, adam_moments_, advance_steps_, apply_capped_update_, cap_ratio, fused_direction,
-    fused_direction_applies, is_capped, power_iters_for,
-)
-from ..core.optimizer import GROUP_INDEX, AdamWeyl, CapStats, register_engine_adapter
-from ..core.power_iteration import Segments, initial_vector, power_steps_, vector_length
+from ..core.layout import Part, RowPiece, StepPlan, Unit
+from ..core.optimizer import GROUP_INDEX, AdamWeyl, register_engine_adapter
 from ..distributed.collectives import COMM_STATS, all_reduce_
-from ..distributed.sigma import SIGMA_MODES, Pieces, matrix_dims, sharded_sigmas
+from ..distributed.sigma import LAYOUT_SIGMA, SIGMA_MODES, matrix_dims
 from ..distributed.sigma import comm_bytes_per_step as sigma_comm_bytes
 
 __all__ = [
@@ -65,16 +60,15 @@ __all__ = [
     "check_active_deepspeed_config",
     "check_deepspeed_config",
     "keep_client_optimizer_under_offload",
+    "nonfinite_anywhere",
     "comm_bytes_per_step",
     "zero_layout",
+    "zero_unit",
 ]
 
 #: DeepSpeed versions the ZeRO path is tested with: [low, high). Also declared in pyproject's
 #: ``deepspeed`` extra. Others get a warning; the first-step verification of the mapping is the guard.
 TESTED_DEEPSPEED = ((0, 19), (0, 20))
-
-#: Optimizer-state key of the power-iteration vectors on each flat partition (see the module doc).
-VECTORS_KEY = "zero_weyl"
 
 #: Every private attribute of DeepSpeed objects hf_weyl reads, with what it is for.
 DEEPSPEED_PRIVATE = {
@@ -229,13 +223,6 @@ class ZeroLayout:
     group: Any  # the process group to reduce over
     stage: int
 
-    def pieces(self, idx: list[int]) -> Pieces:
-        """The :class:`~hf_weyl.distributed.Pieces` of the parameters ``idx``."""
-        return Pieces(
-            tuple(matrix_dims(self.shapes[i]) for i in idx), tuple(self.starts[i] for i in idx),
-            tuple(self.numels[i] for i in idx), self.group,
-        )
-
 
 def _optimized(p: Tensor) -> bool:
     numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -353,178 +340,29 @@ def _verify(layout: ZeroLayout, flat: Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# the step
+# the description of a step
 # --------------------------------------------------------------------------------------------
 
 
-def _vectors(state: dict[str, Any], lengths: list[int], device: torch.device) -> tuple[Tensor, bool]:
-    """The (2, Σk) replicated vector buffer; re-initialised (cold) when missing or laid out differently."""
-    saved = state.get(VECTORS_KEY)
-    if isinstance(saved, dict) and [int(k) for k in saved.get("lengths", ())] == lengths:
-        vectors = saved["vectors"]
-        if vectors.device != device or vectors.dtype != torch.float32:  # e.g. loaded onto the CPU
-            saved["vectors"] = vectors = vectors.to(device=device, dtype=torch.float32)
-        return vectors, False
-    row = torch.cat([initial_vector(k) for k in lengths]) if lengths else torch.zeros(0)
-    vectors = torch.stack([row, row.clone()]).to(device)
-    state[VECTORS_KEY] = {"vectors": vectors, "lengths": list(lengths)}
-    return vectors, True
+def nonfinite_anywhere(grads: list[Tensor], group: Any) -> bool:
+    """Whether any rank's gradient of these partitions holds inf/NaN: one reduced flag, so all ranks agree."""
+    bad = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
+    for grad in grads:
+        if grad.numel():  # min and max propagate NaN and ±inf: one read of the gradient, no mask of its size
+            lo, hi = grad.aminmax()
+            bad += ~(torch.isfinite(lo) & torch.isfinite(hi))
+    all_reduce_(bad, group, op=dist.ReduceOp.MAX)
+    return bad.item() > 0
 
 
-def _all_reduce_max(t: Tensor, group: Any) -> None:
-    all_reduce_(t, group, op=dist.ReduceOp.MAX)
-
-
-@torch.no_grad()
-def zero_step(optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor, layout: ZeroLayout) -> CapStats | None:
-    """One AdamW² step on a DeepSpeed flat fp32 partition; None when the step was skipped because some
-    rank's gradient is non-finite (all ranks skip together)."""
-    if flat.grad is None:
-        raise RuntimeError("AdamWeyl (ZeRO): the flat fp32 partition has no gradient at step time")
-    grad = flat.grad
-    bad = torch.zeros(1, dtype=torch.float32, device=grad.device)
-    if grad.numel():  # min and max propagate NaN and ±inf: one read of the gradient, no mask of its size
-        lo, hi = grad.aminmax()
-        bad += ~(torch.isfinite(lo) & torch.isfinite(hi))
-    _all_reduce_max(bad, layout.group)
-    if bad.item() > 0:
-        return None
-
-    state = optimizer.state[flat]
-    if len(state) == 0:
-        state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-    # A fresh step counter each step: DeepSpeed's ZeRO-3 universal-checkpoint load puts one and the same
-    # step tensor into the state of every sub-group, and an in-place increment would count it twice.
-    state["step"] = torch.as_tensor(state.get("step", 0.0), dtype=torch.float32, device="cpu").clone()
-    beta1, beta2 = group["betas"]
-    lr = float(group["lr"])
-    capped = [is_capped(s, group["cap_vectors"]) for s in layout.shapes]
-    idx = [i for i, c in enumerate(capped) if c]
-    lengths = [vector_length(layout.shapes[i]) for i in idx]
-    buf, cold = _vectors(state, lengths, flat.device)
-    fresh = float(state["step"]) + 1 <= FRESH_STEPS  # (this step's count)
-    iters = power_iters_for(group["power_iters"], group["cold_start_iters"], cold=cold, fresh=fresh)
-    kernel = _piece_kernel(flat, group) if idx and iters == (1, 1) else None
-    if kernel is not None:  # warm steps of a CPU fp32 partition
-        return _fused_zero_step(kernel, optimizer, group, flat, layout, capped, idx, buf)
-    moments = [grad], [state["exp_avg"]], [state["exp_avg_sq"]]
-    if fused_direction_applies([flat], *moments):  # CPU: moments and U in one pass of torch's fused AdamW kernel
-        (direction,) = fused_direction(optimizer._work, *moments, [state["step"]], beta1=beta1, beta2=beta2,
-                                       eps=group["eps"])
-        scale = 1.0
-    else:
-        (bc1,), (bc2,) = adam_moments_(*moments, [state["step"]], beta1=beta1, beta2=beta2)
-        # U = scale · direction (see hf_weyl.core.functional.adam_direction)
-        (direction,), (scale,) = adam_direction(moments[1], moments[2], [bc1], [bc2], eps=group["eps"])
-
-    n = len(layout.params)
-    sigma_w = torch.zeros(n, dtype=torch.float32, device=flat.device)
-    sigma_u = torch.zeros(n, dtype=torch.float32, device=flat.device)
-    if idx:
-        w_pieces = [flat.narrow(0, layout.offsets[i], layout.numels[i]) for i in idx]
-        u_pieces = [direction.narrow(0, layout.offsets[i], layout.numels[i]) for i in idx]
-        sw, su = sharded_sigmas(
-            w_pieces, u_pieces, layout.pieces(idx), list(buf[0].split(lengths)), list(buf[1].split(lengths)),
-            iters, group["sigma_mode"],
-        )
-        index = torch.tensor(idx, device=flat.device)
-        sigma_w.index_copy_(0, index, sw)
-        sigma_u.index_copy_(0, index, su * scale)
-    capped_t = torch.tensor(capped, dtype=torch.bool, device=flat.device)
-    ratio = cap_ratio(sigma_w, sigma_u, capped_t, lr=lr, tau=group["tau"])
-
-    # Segments covering the flat partition: each parameter piece with its ratio, gaps (padding) with 1.
-    one = torch.ones(1, dtype=torch.float32, device=flat.device)
-    segments = _segments(flat.numel(), [(layout.offsets[i], layout.numels[i], i) for i in range(n)])
-    seg_w = [flat.narrow(0, off, numel) for off, numel, _ in segments]
-    seg_u = [direction.narrow(0, off, numel) for off, numel, _ in segments]
-    seg_ratio = [one if i is None else ratio[i : i + 1] for _, _, i in segments]
-    if seg_w:
-        apply_capped_update_(
-            seg_w, seg_u, torch.cat(seg_ratio), [scale] * len(seg_w), lr=lr, weight_decay=group["weight_decay"]
-        )
-    return CapStats(layout.params, ratio, sigma_w, sigma_u, capped_t, engine=DeepSpeedZeroAdapter.name)
-
-
-def _piece_kernel(flat: Tensor, group: dict[str, Any]) -> Any | None:
-    """The fused CPU kernel for this partition's warm steps: fp32 on the CPU (ZeRO-Offload, or CPU ranks),
-    ``vector_reduce``, the kernels not switched off (``HF_WEYL_CPU_KERNEL=0``), and built."""
-    if flat.device.type != "cpu" or flat.dtype != torch.float32 or group["sigma_mode"] != "vector_reduce":
-        return None
-    if kernel_disabled() or flat.grad is None or flat.grad.dtype != torch.float32 or not flat.grad.is_contiguous():
-        return None
-    return cpu_kernel()
-
-
-def _fused_zero_step(kernel: Any, optimizer: AdamWeyl, group: dict[str, Any], flat: Tensor, layout: ZeroLayout,
-                     capped: list[bool], idx: list[int], buf: Tensor) -> CapStats:
-    """A warm step (one power iteration) of a flat CPU partition in three passes of ``csrc/weyl_cpu.cpp``
-    (``pieces_pass1``, ``pieces_pass2``, ``pieces_update``) with one all-reduce of the partial products after each of
-    the first two: what the single-process fused step costs, plus two vector all-reduces. ``idx``: the capped
-    tensors, ``buf``: their (2, Σk) vectors. Equal to the eager step to float rounding."""
-    state = optimizer.state[flat]
-    beta1, beta2 = group["betas"]
-    lr, tau, weight_decay = float(group["lr"]), group["tau"], group["weight_decay"]
-    advance_steps_([state["step"]])
-    t = float(state["step"])
-    dims = [matrix_dims(layout.shapes[i]) for i in idx]
-    rows, cols = [m for m, _ in dims], [n for _, n in dims]
-    offsets, starts, numels = ([getattr(layout, f)[i] for i in idx] for f in ("offsets", "starts", "numels"))
-    gaps = [(off, numel) for off, numel, j in _segments(flat.numel(), list(zip(offsets, numels, idx))) if j is None]
-    work = optimizer._work.get(torch.float32, flat.numel())
-    tall = [n <= m for m, n in dims]
-    short = Segments([n if t_ else m for (m, n), t_ in zip(dims, tall)] * 2, flat.device)
-    long = Segments([m if t_ else n for (m, n), t_ in zip(dims, tall)] * 2, flat.device)
-    pieces = (offsets, starts, numels, rows, cols)
-    half = sum(long.sizes) // 2
-
-    def long_products(xs: list[Tensor]) -> Tensor:  # pass 1: moments, U, B x of W and U
-        x = torch.cat(xs)
-        out = kernel.pieces_pass1(flat, flat.grad, state["exp_avg"], state["exp_avg_sq"], work, *pieces,
-                                  [g[0] for g in gaps], [g[1] for g in gaps], x[: x.numel() // 2].contiguous(),
-                                  x[x.numel() // 2 :].contiguous(), 1 - beta1**t, 1 - beta2**t, beta1, beta2, group["eps"])
-        all_reduce_(out, layout.group)
-        return out
-
-    def short_products(ys: list[Tensor]) -> Tensor:  # pass 2: Bᵀ y of W and U
-        y = torch.cat(ys)
-        out = kernel.pieces_pass2(flat, work, *pieces, y[:half].contiguous(), y[half:].contiguous())
-        all_reduce_(out, layout.group)
-        return out
-
-    sigma, x = power_steps_(long_products, short_products, torch.cat([buf[0], buf[1]]), short, long, 1)
-    k = len(idx)
-    buf.copy_(x.view(2, -1))
-    n = len(layout.params)
-    sigma_w = torch.zeros(n, dtype=torch.float32)
-    sigma_u = torch.zeros(n, dtype=torch.float32)
-    index = torch.tensor(idx)
-    sigma_w.index_copy_(0, index, sigma[:k])
-    sigma_u.index_copy_(0, index, sigma[k:])
-    capped_t = torch.tensor(capped, dtype=torch.bool)
-    ratio = cap_ratio(sigma_w, sigma_u, capped_t, lr=lr, tau=tau)
-    ratios = ratio[index].tolist()
-    kernel.pieces_update(flat, work, offsets + [g[0] for g in gaps], numels + [g[1] for g in gaps],
-                         [lr * r for r in ratios] + [lr] * len(gaps), weight_decay)
-    return CapStats(layout.params, ratio, sigma_w, sigma_u, capped_t, engine=DeepSpeedZeroAdapter.name)
-
-
-def _segments(total: int, pieces: list[tuple[int, int, int]]) -> list[tuple[int, int, int | None]]:
-    """``(offset, numel, i)`` of the pieces ``(offset, numel, i)`` that hold elements, in offset order, with
-    ``(offset, numel, None)`` for the stretches of [0, total) between and after them (tensors not in ``pieces``,
-    padding): together they cover the partition once."""
-    out, pos = [], 0
-    for off, numel, i in sorted((p for p in pieces if p[1]), key=lambda p: p[0]):
-        if off < pos:
-            raise RuntimeError("AdamWeyl (ZeRO): overlapping parameter fragments in one flat partition")
-        if off > pos:
-            out.append((pos, off - pos, None))
-        out.append((off, numel, i))
-        pos = off + numel
-    if pos < total:
-        out.append((pos, total - pos, None))
-    return out
+def zero_unit(flat: Tensor, layout: ZeroLayout) -> Unit:
+    """A flat partition as the core step sees it: one unit holding a row piece of each of its parameters (possibly
+    empty on this rank); the elements no piece covers (padding) are stepped as AdamW."""
+    parts = [
+        Part(p, shape, RowPiece(matrix_dims(shape), start, numel, layout.group), offset, numel)
+        for p, shape, offset, start, numel in zip(layout.params, layout.shapes, layout.offsets, layout.starts, layout.numels)
+    ]
+    return Unit(flat, flat, flat.grad, parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,7 +378,6 @@ class DeepSpeedZeroAdapter:
 
     def __init__(self) -> None:
         self._layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()  # flat partition → verified ZeroLayout
-        self._stats: dict[tuple[int, int], CapStats] = {}  # (group index, first parameter) → its last stats
         _warn_if_untested_version()
 
     @classmethod
@@ -552,23 +389,27 @@ class DeepSpeedZeroAdapter:
         replaced = optimizer.replaced_tensors(group) if "deepspeed" in sys.modules else []
         return any(not hasattr(t, "placements") for t in replaced)  # (DTensors are FSDP2's)
 
-    def step_group(self, optimizer: AdamWeyl, group: dict[str, Any]) -> CapStats | None:
+    def describe(self, optimizer: AdamWeyl, group: dict[str, Any]) -> StepPlan | None:
+        """The group's flat partitions as units (:func:`zero_unit`), each layout verified against the weights at its
+        first step; None (every rank skips the step) when some rank's gradient is non-finite, as DeepSpeed's own
+        overflow check does where it runs."""
         _repair_group_indices(optimizer)
-        index = group[GROUP_INDEX]
         originals = optimizer.group_params(group)
+        layouts = []
         for flat in group["params"]:
             layout = self._layouts.get(flat)
             if layout is None:
                 layout = zero_layout(flat, originals)
                 _verify(layout, flat)
                 self._layouts[flat] = layout
-            stats = zero_step(optimizer, group, flat, layout)
-            if stats is not None:
-                first = next(j for j, p in enumerate(originals) if p is layout.params[0])
-                self._stats[(index, first)] = stats
+            if flat.grad is None:
+                raise RuntimeError("AdamWeyl (ZeRO): the flat fp32 partition has no gradient at step time")
+            layouts.append(layout)
+        if nonfinite_anywhere([flat.grad for flat in group["params"]], layouts[0].group):
+            return None
+        units = [zero_unit(flat, layout) for flat, layout in zip(group["params"], layouts)]
         # ZeRO-1/2 step one group per call, ZeRO-3 one sub-group: the group's stats gather all its partitions.
-        parts = [s for (i, _), s in sorted(self._stats.items(), key=lambda kv: kv[0]) if i == index]
-        return CapStats.cat(parts) if parts else None
+        return StepPlan(units, engine=self.name, sigma=LAYOUT_SIGMA, partial=True)
 
 
 def _repair_group_indices(optimizer: AdamWeyl) -> None:

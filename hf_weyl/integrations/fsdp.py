@@ -59,10 +59,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..core.optimizer import AdamWeyl, CapStats, register_engine_adapter
-from ..core.power_iteration import power_iteration_
+from ..core.layout import Block, Part, RowPiece, StepPlan, Unit
+from ..core.optimizer import AdamWeyl, register_engine_adapter
 from ..distributed.collectives import all_reduce_
-from ..distributed.sigma import Blocks, Pieces, block_sigmas, index_len, matrix_dims, sharded_sigmas
+from ..distributed.sigma import LAYOUT_SIGMA, index_len, matrix_dims
 
 __all__ = ["FSDP2Adapter", "dtensor_layout", "fsdp1_flattened", "shard_block", "shard_piece"]
 
@@ -417,16 +417,6 @@ def _verify_blocks(params: list[Any], blocks: list[_Block]) -> None:
                 )
 
 
-def _piece_as_block(piece: _Piece) -> tuple[Any, Any]:
-    """(rows, cols) of a row piece (whole rows of an m×n matrix, or a run of a 1×n one)."""
-    m, n = piece.dims
-    if not piece.numel:
-        return slice(0, 0), slice(0, 0)
-    if m == 1:
-        return slice(0, 1), slice(piece.start, piece.start + piece.numel)
-    return slice(piece.start // n, (piece.start + piece.numel) // n), slice(0, n)
-
-
 def _align_grads(params: list[Tensor]) -> None:
     """Give every DTensor gradient its parameter's placements (the elementwise step pairs local shards). Tensor
     parallelism can hand back another layout — a RowwiseParallel embedding's gradient comes back Replicate(),
@@ -506,59 +496,20 @@ class FSDP2Adapter:
             self._grids[p] = _grid(p, block)
         return self._grids[p]
 
-    def step_group(self, optimizer: AdamWeyl, group: dict[str, Any]) -> CapStats | None:
+    def _core_layout(self, p: Tensor, lay: _Piece | _Block | None, mode: str) -> RowPiece | Block | None:
+        """The core's layout of a parameter's matrix: None when it is whole here (replicated, or a plain tensor)."""
+        if isinstance(lay, _Block):
+            return Block(lay.dims, lay.rows, lay.cols, lay.groups, self._grid_of(p, lay) if mode == "gather" else None)
+        if lay is None or lay.group is None:
+            return None
+        return RowPiece(lay.dims, lay.start, lay.numel, lay.group)
+
+    def describe(self, optimizer: AdamWeyl, group: dict[str, Any]) -> StepPlan:
+        """One unit per parameter with a gradient: its local shard, with its row piece or block (verified on every
+        rank at its first step); the moments stay DTensors (DCP reshards them), the maths runs on local shards."""
         with_grad = [p for p in group["params"] if p.grad is not None]
         _align_grads(with_grad)
-        self._pieces_of(with_grad)
-        mode = group["sigma_mode"]
-
-        def sigma(params, weights, directions, w_vecs, u_vecs, iters):
-            pieces = self._pieces_of(params)
-            sigma_w = torch.zeros(len(params), dtype=torch.float32, device=w_vecs[0].device)
-            sigma_u = torch.zeros_like(sigma_w)
-            by_group: dict[Any, list[int]] = {}
-            for i, piece in enumerate(pieces):
-                if isinstance(piece, _Block):
-                    key: Any = ("blocks", piece.stages)
-                else:
-                    key = None if piece is None else piece.group
-                by_group.setdefault(key, []).append(i)
-            if mode == "vector_reduce":  # row pieces of a group some blocks reduce over alone join those blocks
-                for key in [k for k in by_group if isinstance(k, tuple) and len(k[1]) == 1]:
-                    group = key[1][0][0]
-                    if group in by_group:
-                        by_group[key] = sorted(by_group[key] + by_group.pop(group))
-            for pg, idx in by_group.items():  # insertion order: identical on every rank
-                if pg is None:  # whole on this rank (replicated DTensor or a plain tensor)
-                    views = [weights[i].reshape(matrix_dims(params[i].shape)) for i in idx]
-                    dviews = [directions[i].reshape(matrix_dims(params[i].shape)) for i in idx]
-                    sw = power_iteration_([v.float() for v in views], [w_vecs[i] for i in idx], iters.weight)
-                    su = power_iteration_([v.float() for v in dviews], [u_vecs[i] for i in idx], iters.update)
-                elif isinstance(pg, tuple):  # 2-D blocks (tensor parallelism), with row pieces that joined them
-                    cuts = [(pieces[i].rows, pieces[i].cols) if isinstance(pieces[i], _Block)
-                            else _piece_as_block(pieces[i]) for i in idx]
-                    grid = None
-                    if mode == "gather":
-                        per_param = [self._grid_of(params[i], pieces[i]) for i in idx]
-                        grid = tuple(zip(*per_param))
-                    where = Blocks(tuple(pieces[i].dims for i in idx), tuple(r for r, _ in cuts),
-                                   tuple(c for _, c in cuts), tuple(g for g, _ in pg[1]), grid)
-                    sw, su = block_sigmas(
-                        [weights[i] for i in idx], [directions[i] for i in idx], where,
-                        [w_vecs[i] for i in idx], [u_vecs[i] for i in idx], iters, mode,
-                    )
-                else:
-                    where = Pieces(
-                        tuple(pieces[i].dims for i in idx), tuple(pieces[i].start for i in idx),
-                        tuple(pieces[i].numel for i in idx), pg,
-                    )
-                    sw, su = sharded_sigmas(
-                        [weights[i] for i in idx], [directions[i] for i in idx], where,
-                        [w_vecs[i] for i in idx], [u_vecs[i] for i in idx], iters, mode,
-                    )
-                index = torch.tensor(idx, device=sigma_w.device)
-                sigma_w.index_copy_(0, index, sw.to(sigma_w.device))
-                sigma_u.index_copy_(0, index, su.to(sigma_w.device))
-            return sigma_w, sigma_u
-
-        return optimizer.step_tensors(group, local=_local, sigma=sigma, engine=self.name)
+        layouts = self._pieces_of(with_grad)
+        units = [Unit(p, _local(p), _local(p.grad), [Part(p, p.shape, self._core_layout(p, lay, group["sigma_mode"]))])
+                 for p, lay in zip(with_grad, layouts)]
+        return StepPlan(units, engine=self.name, sigma=LAYOUT_SIGMA, local=_local)
