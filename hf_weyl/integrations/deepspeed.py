@@ -7,7 +7,7 @@ elementwise parts of AdamW² (moments, direction U, the update) work on the flat
 σ1(W) and σ1(U) come from ``hf_weyl.distributed`` (``vector_reduce`` or ``gather``), given the pieces.
 
 Where the pieces are comes from DeepSpeed's own bookkeeping (private attributes, listed in
-:data:`DEEPSPEED_PRIVATE` and read only through :func:`_private`): ``param._hp_mapping`` /
+:data:`DEEPSPEED_PRIVATE` and read only through ``hf_weyl.integrations.internals.deepspeed``): ``param._hp_mapping`` /
 ``param._dp_group`` for ZeRO-1/2 and the BF16 optimizer; for ZeRO-3 the sub-group's flat tensor
 ``ds_id`` ("first_last" parameter ds_id) and each parameter's ``partition_numel()`` (rank r holds
 elements [r·p, (r+1)·p) of the flattened tensor). A layout is built once per flat partition, verified
@@ -46,6 +46,8 @@ from ..core.layout import Part, RowPiece, StepPlan, Unit
 from ..core.optimizer import GROUP_INDEX, AdamWeyl, register_engine_adapter
 from ..distributed.collectives import COMM_STATS, all_reduce_
 from ..distributed.sigma import LAYOUT_SIGMA, SIGMA_MODES, matrix_dims
+from .internals.accelerate import deepspeed_plugins
+from .internals.deepspeed import DEEPSPEED_PRIVATE, TESTED_DEEPSPEED, deepspeed_version, first_set, optional, private
 from ..distributed.sigma import comm_bytes_per_step as sigma_comm_bytes
 
 __all__ = [
@@ -65,40 +67,6 @@ __all__ = [
     "zero_layout",
     "zero_unit",
 ]
-
-#: DeepSpeed versions the ZeRO path is tested with: [low, high). Also declared in pyproject's
-#: ``deepspeed`` extra. Others get a warning; the first-step verification of the mapping is the guard.
-TESTED_DEEPSPEED = ((0, 19), (0, 20))
-
-#: Every private attribute of DeepSpeed objects hf_weyl reads, with what it is for.
-DEEPSPEED_PRIVATE = {
-    "param._hp_mapping": "ZeRO-1/2, BF16 optimizer: the fp32 fragment of a parameter (.hp_fragment, "
-    ".hp_fragment_address.start, .lp_fragment_address.start/.numel); None where this rank holds none",
-    "param._dp_group": "ZeRO-1/2: the data-parallel group the fragments are spread over",
-    "param._zero_optimizer": "ZeRO-1/2: the ZeRO optimizer (.round_robin_gradients)",
-    "param.ds_id / ds_numel / ds_shape / ds_tensor / ds_process_group / partition_numel()": "ZeRO-3 partitions",
-    "param._z3_optimizer": "ZeRO-3: the stage-3 optimizer (.swap_optimizer: NVMe offload)",
-    "flat.ds_id": "ZeRO-3: 'first_last' ds_id of the parameters of a flat sub-group",
-}
-
-
-def _deepspeed_version() -> str:
-    module = sys.modules.get("deepspeed")
-    return getattr(module, "__version__", "unknown") if module is not None else "not imported"
-
-
-def _private(obj: Any, name: str, what: str) -> Any:
-    """``obj.<name>`` of a DeepSpeed object; a clear error naming the DeepSpeed version if it is missing."""
-    try:
-        return getattr(obj, name)
-    except AttributeError:
-        low, high = TESTED_DEEPSPEED
-        raise RuntimeError(
-            f"AdamWeyl (ZeRO): DeepSpeed {_deepspeed_version()} has no {type(obj).__name__}.{name} ({what}); hf_weyl "
-            f"reads it to map ZeRO's flat partitions to weight matrices and is tested with DeepSpeed "
-            f">={low[0]}.{low[1]},<{high[0]}.{high[1]}. Refusing to step rather than compute σ1 of unknown pieces."
-        ) from None
-
 
 # --------------------------------------------------------------------------------------------
 # start-up checks
@@ -173,12 +141,10 @@ def active_deepspeed_configs() -> list[dict[str, Any]]:
             configs.append(cfg)
     accelerate_state = sys.modules.get("accelerate.state")
     if accelerate_state is not None:
-        plugins = accelerate_state.AcceleratorState._shared_state.get("deepspeed_plugins")
-        if plugins:
-            for plugin in plugins.values() if isinstance(plugins, dict) else [plugins]:
-                cfg = getattr(plugin, "deepspeed_config", None)
-                if cfg and all(cfg is not c for c in configs):
-                    configs.append(cfg)
+        for plugin in deepspeed_plugins(accelerate_state):
+            cfg = getattr(plugin, "deepspeed_config", None)
+            if cfg and all(cfg is not c for c in configs):
+                configs.append(cfg)
     return configs
 
 
@@ -236,69 +202,71 @@ def _same_storage(view: Tensor, flat: Tensor) -> bool:
 def _zero12_layout(flat: Tensor, params: list[Tensor]) -> ZeroLayout:
     offsets, starts, numels = [], [], []
     for p in params:
-        mapping = _private(p, "_hp_mapping", "the fp32 fragment of a parameter")
+        mapping = private(p, "_hp_mapping", "the fp32 fragment of a parameter")
         if mapping is None:
             offsets.append(0), starts.append(0), numels.append(0)
             continue
-        fragment = _private(mapping, "hp_fragment", "the fp32 fragment tensor")
+        fragment = private(mapping, "hp_fragment", "the fp32 fragment tensor")
         if not _same_storage(fragment, flat):
             raise RuntimeError(
                 f"AdamWeyl (ZeRO-1/2): the fragment of a parameter of shape {tuple(p.shape)} does not live in the flat "
-                f"partition the optimizer was given (DeepSpeed {_deepspeed_version()} changed its bookkeeping)"
+                f"partition the optimizer was given (DeepSpeed {deepspeed_version()} changed its bookkeeping)"
             )
-        offsets.append(int(_private(mapping, "hp_fragment_address", "fragment address").start))
-        lp_address = _private(mapping, "lp_fragment_address", "fragment address in the parameter")
+        offsets.append(int(private(mapping, "hp_fragment_address", "fragment address").start))
+        lp_address = private(mapping, "lp_fragment_address", "fragment address in the parameter")
         starts.append(int(lp_address.start))
         numels.append(int(lp_address.numel))
-    groups = {id(_private(p, "_dp_group", "the data-parallel group")) for p in params}
+    groups = {id(private(p, "_dp_group", "the data-parallel group")) for p in params}
     if len(groups) != 1:
         raise RuntimeError("AdamWeyl (ZeRO-1/2): the parameters of one param group have different data-parallel groups")
-    return ZeroLayout(params, [p.shape for p in params], offsets, starts, numels, params[0]._dp_group, stage=2)
+    group = private(params[0], "_dp_group", "the data-parallel group")
+    return ZeroLayout(params, [p.shape for p in params], offsets, starts, numels, group, stage=2)
 
 
 def _zero3_layout(flat: Tensor, params: list[Tensor]) -> ZeroLayout:
-    ds_id = str(_private(flat, "ds_id", "the parameter ids of a flat sub-group"))
+    ds_id = str(private(flat, "ds_id", "the parameter ids of a flat sub-group"))
     first, _, last = ds_id.partition("_")
-    ids = [str(_private(p, "ds_id", "ZeRO-3 parameter id")) for p in params]
+    ids = [str(private(p, "ds_id", "ZeRO-3 parameter id")) for p in params]
     if first not in ids or last not in ids:
         raise RuntimeError(
             f"AdamWeyl (ZeRO-3): cannot find the parameters of the flat sub-group {ds_id!r} among the optimizer's "
-            f"parameters (DeepSpeed {_deepspeed_version()})"
+            f"parameters (DeepSpeed {deepspeed_version()})"
         )
     sub = params[ids.index(first) : ids.index(last) + 1]
-    part_numels = [int(_private(p, "partition_numel", "ZeRO-3 partition size")()) for p in sub]
+    part_numels = [int(private(p, "partition_numel", "ZeRO-3 partition size")()) for p in sub]
     if sum(part_numels) != flat.numel():
         raise RuntimeError(
             f"AdamWeyl (ZeRO-3): sub-group {ds_id!r} has {flat.numel()} elements but its parameters' partitions "
-            f"add up to {sum(part_numels)} (DeepSpeed {_deepspeed_version()})"
+            f"add up to {sum(part_numels)} (DeepSpeed {deepspeed_version()})"
         )
-    group = _private(sub[0], "ds_process_group", "ZeRO-3 process group")
+    group = private(sub[0], "ds_process_group", "ZeRO-3 process group")
     rank = dist.get_rank(group)
     offsets, starts, numels, offset = [], [], [], 0
     for p, part in zip(sub, part_numels):
         start = rank * part
         offsets.append(offset)
         starts.append(start)
-        numels.append(max(0, min(part, int(_private(p, "ds_numel", "ZeRO-3 parameter size")) - start)))
+        numels.append(max(0, min(part, int(private(p, "ds_numel", "ZeRO-3 parameter size")) - start)))
         offset += part
-    shapes = [torch.Size(_private(p, "ds_shape", "ZeRO-3 parameter shape")) for p in sub]
+    shapes = [torch.Size(private(p, "ds_shape", "ZeRO-3 parameter shape")) for p in sub]
     return ZeroLayout(sub, shapes, offsets, starts, numels, group, stage=3)
 
 
 def _check_settings(params: list[Tensor], stage: int) -> None:
     """Refuse engine settings AdamWeyl cannot honour, read from DeepSpeed's optimizer (fail closed)."""
     if stage == 3:
-        z3 = next((p._z3_optimizer for p in params if getattr(p, "_z3_optimizer", None) is not None), None)
+        z3 = first_set(params, "_z3_optimizer", "the ZeRO-3 optimizer")
         if z3 is None:
-            _private(params[0], "_z3_optimizer", "the ZeRO-3 optimizer")  # raises: the setting cannot be read
-        if _private(z3, "swap_optimizer", "ZeRO-3 NVMe optimizer swapping flag"):  # (CPU offload is supported)
+            raise RuntimeError(f"AdamWeyl (ZeRO-3): no parameter carries its ZeRO-3 optimizer (DeepSpeed "
+                               f"{deepspeed_version()}); cannot read whether it swaps optimizer state to NVMe")
+        if private(z3, "swap_optimizer", "ZeRO-3 NVMe optimizer swapping flag"):  # (CPU offload is supported)
             check_deepspeed_config({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}})
         return
     # ZeRO-1/2 mark every parameter with a fragment on this rank; DeepSpeed's BF16 optimizer (stage 0)
     # marks none and has neither offload nor gradient round-robin. (CPU optimizer offload is supported.)
-    zero_opt = next((p._zero_optimizer for p in params if getattr(p, "_zero_optimizer", None) is not None), None)
+    zero_opt = optional(params, "_zero_optimizer")
     if zero_opt is not None:
-        if _private(zero_opt, "round_robin_gradients", "ZeRO gradient round-robin flag"):
+        if private(zero_opt, "round_robin_gradients", "ZeRO gradient round-robin flag"):
             check_deepspeed_config({"zero_optimization": {"round_robin_gradients": True}})
 
 
@@ -314,7 +282,7 @@ def zero_layout(flat: Tensor, originals: list[Tensor]) -> ZeroLayout:
     raise RuntimeError(
         f"AdamWeyl: a param group holds a tensor of shape {tuple(flat.shape)} that is not one of the parameters the "
         "optimizer was built with, and no DeepSpeed ZeRO fragment mapping (param._hp_mapping or ZeRO-3 ds_id) was "
-        f"found for the group's parameters (DeepSpeed {_deepspeed_version()}). Refusing to fall back to AdamW on "
+        f"found for the group's parameters (DeepSpeed {deepspeed_version()}). Refusing to fall back to AdamW on "
         "flattened chunks, which would compute σ1 of the wrong matrices. Build AdamWeyl on the model's parameters "
         "and pass it to deepspeed.initialize / accelerate / the HF Trainer unchanged."
     )
@@ -328,13 +296,13 @@ def _verify(layout: ZeroLayout, flat: Tensor) -> None:
             continue
         hp = flat.narrow(0, off, numel)
         if layout.stage == 3:
-            lp = _private(p, "ds_tensor", "ZeRO-3 local partition").detach().reshape(-1).narrow(0, 0, numel)
+            lp = private(p, "ds_tensor", "ZeRO-3 local partition").detach().reshape(-1).narrow(0, 0, numel)
         else:
             lp = p.detach().reshape(-1).narrow(0, start, numel)
         if not torch.equal(hp.to(device=lp.device, dtype=lp.dtype), lp):  # (offload: hp on the CPU, lp not)
             raise RuntimeError(
                 f"AdamWeyl (ZeRO-{layout.stage}): DeepSpeed's fragment mapping of a parameter of shape "
-                f"{tuple(p.shape)} does not match the fp32 partition (DeepSpeed {_deepspeed_version()}; known with "
+                f"{tuple(p.shape)} does not match the fp32 partition (DeepSpeed {deepspeed_version()}; known with "
                 "round_robin_gradients); refusing to compute σ's on the wrong weights"
             )
 

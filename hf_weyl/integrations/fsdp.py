@@ -37,13 +37,8 @@ FSDP1 (``FullyShardedDataParallel``) hands the optimizer 1-D flat parameters or 
 matrix is visible, and stepping them would silently train plain AdamW. Such parameters are refused at
 construction (and at any later step) with a message pointing to FSDP2.
 
-Private torch attributes read here (only here): ``torch.distributed.fsdp._common_utils.FSDP_FLATTENED``
-(the attribute FSDP1 sets on flat and flattened-original parameters) and
-``torch.distributed.fsdp._flat_param.FlatParameter``. If a torch upgrade removes them while FSDP is
-in use, every step is refused (fail closed) rather than the FSDP1 refusal silently switched off. Also
-``torch.distributed.tensor.placement_types._StridedShard`` and its ``split_factor`` (:func:`_strided_shard`):
-if they are gone, a strided placement is refused (it is then an unknown placement), never mapped as a
-plain shard.
+The private torch attributes this reads (FSDP1's markers, DTensor's strided shard and its ``split_factor``)
+are read in ``hf_weyl.integrations.internals.torch_distributed`` only, each failing closed.
 """
 
 from __future__ import annotations
@@ -63,6 +58,8 @@ from ..core.layout import Block, Part, RowPiece, StepPlan, Unit
 from ..core.optimizer import AdamWeyl, register_engine_adapter
 from ..distributed.collectives import all_reduce_
 from ..distributed.sigma import LAYOUT_SIGMA, index_len, matrix_dims
+from .internals.torch_distributed import fsdp1_markers, split_factor
+from .internals.torch_distributed import strided_shard as _strided_shard
 
 __all__ = ["FSDP2Adapter", "dtensor_layout", "fsdp1_flattened", "shard_block", "shard_piece"]
 
@@ -72,55 +69,20 @@ _USE_FSDP2 = (
 )
 
 
-# --------------------------------------------------------------------------------------------
-# torch internals read by hf_weyl (the only place)
-# --------------------------------------------------------------------------------------------
-
-
-def _fsdp1_markers() -> tuple[str, type] | None:
-    """(FSDP1's "flattened" attribute name, FlatParameter) — None when FSDP is not imported at all."""
-    if "torch.distributed.fsdp" not in sys.modules:
-        return None
-    try:
-        from torch.distributed.fsdp._common_utils import FSDP_FLATTENED
-        from torch.distributed.fsdp._flat_param import FlatParameter
-    except ImportError as err:
-        raise RuntimeError(
-            f"AdamWeyl cannot tell FSDP1-flattened parameters apart in torch {torch.__version__} ({err}); hf_weyl "
-            "reads torch.distributed.fsdp._common_utils.FSDP_FLATTENED and _flat_param.FlatParameter, tested with "
-            "torch 2.13. Refusing to step rather than risk training FSDP1 shards as plain AdamW; install a tested "
-            "torch version or report this."
-        ) from None
-    return FSDP_FLATTENED, FlatParameter
-
-
 def fsdp1_flattened(t: Tensor) -> bool:
     """True for FSDP1's flat parameters and the 1-D views it makes of the original ones."""
-    markers = _fsdp1_markers()
+    markers = fsdp1_markers()
     if markers is None:
         return False
     attribute, flat_parameter = markers
     return isinstance(t, flat_parameter) or bool(getattr(t, attribute, False))
 
 
-def _strided_shard() -> type | None:
-    """DTensor's strided shard placement class (FSDP2 over tensor parallelism), None where torch has none."""
-    try:
-        from torch.distributed.tensor.placement_types import _StridedShard
-    except ImportError:
-        return None
-    return _StridedShard
-
-
 def _split_factor(placement: Any, p: Any) -> int:
-    factor = getattr(placement, "split_factor", None)
-    if not isinstance(factor, int) or factor < 1:
-        raise RuntimeError(
-            f"AdamWeyl: {_describe(p)} has a strided shard {placement!r} whose split_factor AdamWeyl cannot read in "
-            f"torch {torch.__version__} (hf_weyl reads _StridedShard.split_factor, tested with torch 2.13); refusing "
-            "to compute σ's of a layout it cannot map."
-        )
-    return factor
+    try:
+        return split_factor(placement)
+    except RuntimeError as err:
+        raise RuntimeError(f"AdamWeyl: {_describe(p)}: {err}") from None
 
 
 def _dtensor_type() -> type | None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..core.optimizer import AdamWeyl
 from ..core.tau_rule import tau_for_steps
+from .internals.transformers import TESTED_TRANSFORMERS, add_enum_member, attn_implementation, private
 
 __all__ = [
     "OPTIM_ARGS",
@@ -43,7 +44,6 @@ OPTIM_NAME = "adamw_weyl"
 logger = logging.getLogger(__name__)
 
 #: The transformers version these internals were checked against (tests run on it).
-TESTED_TRANSFORMERS = "5.23"
 
 
 def _parse_bool(value: str) -> bool:
@@ -219,76 +219,17 @@ def _refuse_dropped_optimizer(deepspeed_init: Callable[..., Any]) -> Callable[..
     return guarded
 
 
-# --------------------------------------------------------------------------------------------------
-# transformers internals we use — the only place they are read. Each access goes through _private(),
-# which fails closed (RuntimeError naming the transformers version) if a release renames them:
-#   transformers.trainer_optimizer._OPTIMIZER_HANDLERS   optim name → handler (we add ours)
-#   transformers.trainer._parse_optim_args               splits optim_args before any handler runs (wrapped:
-#                                                        only its error message changes)
-#   transformers.trainer.deepspeed_init                  the Trainer's DeepSpeed set-up (wrapped: refuses an
-#                                                        AdamWeyl passed as optimizers=, which it would drop)
-#   transformers.trainer.DEFAULT_CALLBACKS               the callbacks every Trainer starts with, before the
-#                                                        reporting ones (we add WeylTrainerCallback)
-#   PreTrainedConfig._attn_implementation                the monitor's probe pass switches to eager attention
-#                                                        (attn_implementation() below)
-# plus the public OptimizerNames enum, extended through the enum module's own tables (_add_enum_member).
-# --------------------------------------------------------------------------------------------------
-
-
-def _private(module: ModuleType, name: str, kind: type) -> Any:
-    value = getattr(module, name, None)
-    if not isinstance(value, kind):
-        raise _missing(f"{module.__name__}.{name} ({kind.__name__}); optim={OPTIM_NAME!r} cannot be registered")
-    return value
-
-
-def _missing(what: str) -> RuntimeError:
-    import transformers
-
-    return RuntimeError(
-        f"transformers {transformers.__version__} has no {what}, which hf_weyl uses (checked against transformers "
-        f"{TESTED_TRANSFORMERS}). Install a transformers version hf_weyl supports or report this at hf_weyl."
-    )
-
-
-def attn_implementation(model: Any) -> str | None:
-    """The attention implementation a transformers model runs (``config._attn_implementation``), None for a
-    model that is not a transformers ``PreTrainedModel`` (no ``config`` / ``set_attn_implementation``)."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "set_attn_implementation"):
-        return None
-    if not hasattr(config, "_attn_implementation"):
-        raise _missing(f"{type(config).__name__}._attn_implementation")
-    return config._attn_implementation
-
-
-def _add_enum_member(enum_cls: type, name: str, value: str) -> Any:
-    """Add ``name = value`` to a (str, Enum) class, as if it had been declared there. Idempotent."""
-    if value in enum_cls._value2member_map_:
-        return enum_cls._value2member_map_[value]
-    member = str.__new__(enum_cls, value)
-    member._name_ = name
-    member._value_ = value
-    member.__objclass__ = enum_cls
-    member._sort_order_ = len(enum_cls._member_names_)
-    type.__setattr__(enum_cls, name, member)
-    enum_cls._member_map_[name] = member
-    enum_cls._value2member_map_[value] = member
-    enum_cls._member_names_.append(name)
-    return member
-
-
 def _register_name(training_args: ModuleType) -> None:
-    _add_enum_member(training_args.OptimizerNames, OPTIM_NAME.upper(), OPTIM_NAME)
+    add_enum_member(training_args.OptimizerNames, OPTIM_NAME.upper(), OPTIM_NAME)
 
 
 def _register_handler(trainer_optimizer: ModuleType) -> None:
-    handlers = _private(trainer_optimizer, "_OPTIMIZER_HANDLERS", dict)
+    handlers = private(trainer_optimizer, "_OPTIMIZER_HANDLERS", dict)
     handlers[trainer_optimizer.OptimizerNames(OPTIM_NAME)] = _get_adamw_weyl
 
 
 def _wrap_optim_args_splitter(trainer: ModuleType) -> None:
-    split = _private(trainer, "_parse_optim_args", Callable)
+    split = private(trainer, "_parse_optim_args", Callable)
     if getattr(split, "_hf_weyl_wrapped", False):
         return
 
@@ -308,7 +249,7 @@ def _wrap_optim_args_splitter(trainer: ModuleType) -> None:
 
 def _add_default_callback(trainer: ModuleType) -> None:
     """WeylTrainerCallback among the Trainer's default callbacks: its ``on_log`` runs before the reporters'."""
-    callbacks = _private(trainer, "DEFAULT_CALLBACKS", list)
+    callbacks = private(trainer, "DEFAULT_CALLBACKS", list)
     from .trainer_callback import WeylTrainerCallback
 
     if WeylTrainerCallback not in callbacks:
@@ -316,7 +257,7 @@ def _add_default_callback(trainer: ModuleType) -> None:
 
 
 def _wrap_deepspeed_init(trainer: ModuleType) -> None:
-    trainer.deepspeed_init = _refuse_dropped_optimizer(_private(trainer, "deepspeed_init", Callable))
+    trainer.deepspeed_init = _refuse_dropped_optimizer(private(trainer, "deepspeed_init", Callable))
 
 
 def _on_trainer_load(trainer: ModuleType) -> None:
