@@ -65,8 +65,9 @@ KEEP_DTYPE_STATE = (WEIGHT_VECTOR, UPDATE_VECTOR, WEIGHT_PRODUCT)
 #: checkpoints have always carried.)
 PACKED_VECTORS = "zero_weyl"
 
-#: Param-group key: the group's position when it was added (DeepSpeed ZeRO narrows ``param_groups``
-#: to one group per call; this finds the parameters the group was built with).
+#: Param-group key: the group's position when it was added. An engine may swap a group's tensors (ZeRO's flat
+#: partitions) or narrow ``param_groups`` to the group it steps in this call; the index finds the parameters the
+#: group was built with (:meth:`AdamWeyl.group_params`) and keys the group's statistics.
 GROUP_INDEX = "weyl_group_index"
 
 #: The per-group options of ``AdamWeyl`` (every one may be overridden per param group).
@@ -353,6 +354,11 @@ class AdamWeyl(Optimizer):
         self._group_params.append(list(group["params"]))
         self._built_ids.update(id(p) for p in group["params"])
         self._adapter_for(group)  # refuse layouts no adapter can honour (e.g. FSDP1) at construction
+
+    @property
+    def num_built_groups(self) -> int:
+        """How many param groups the optimizer was built with (``add_param_group`` included)."""
+        return len(self._group_params)
 
     def group_params(self, group: dict[str, Any]) -> list[Tensor]:
         """The parameters ``group`` was built with (an engine such as DeepSpeed ZeRO may have replaced them)."""

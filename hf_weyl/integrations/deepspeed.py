@@ -390,7 +390,7 @@ def _repair_group_indices(optimizer: AdamWeyl) -> None:
     """
     groups = optimizer.param_groups
     indices = [g.get(GROUP_INDEX) for g in groups]
-    if len(groups) < 2 or len(groups) != len(optimizer._group_params) or len(set(indices)) == len(indices):
+    if len(groups) < 2 or len(groups) != optimizer.num_built_groups or len(set(indices)) == len(indices):
         return
     for i, g in enumerate(groups):
         g[GROUP_INDEX] = i
