@@ -33,11 +33,12 @@ from torch import Tensor
 
 from .cpu_kernel import cpu_kernel, kernel_disabled
 from .layout import Part, RowPiece, ShardedSigma, uncovered
-from .power_iteration import PowerIters, Segments, as_matrix, power_iteration_, power_steps_
+from .power_iteration import PowerIters, Segments, StackCache, as_matrix, power_iteration_, power_steps_
 
 __all__ = [
     "FRESH_STEPS",
     "FUSED_CPU_DTYPES",
+    "FUSED_DIRECTION_DEVICES",
     "IMPLS",
     "WorkBuffer",
     "adam_direction",
@@ -65,8 +66,9 @@ FRESH_STEPS = 10
 
 
 def is_fresh(steps: list[Tensor]) -> bool:
-    """Whether any of these tensors has taken fewer than :data:`FRESH_STEPS` steps before this one (CPU counters)."""
-    return any(float(s) < FRESH_STEPS for s in steps)
+    """Whether any of these tensors has taken fewer than :data:`FRESH_STEPS` steps before this one (CPU counters:
+    one host read of their minimum)."""
+    return bool(steps) and float(torch.stack(steps).amin()) < FRESH_STEPS
 
 
 def power_iters_for(power_iters: int, cold_start_iters: int, *, cold: bool, fresh: bool) -> PowerIters:
@@ -84,10 +86,13 @@ def is_capped(shape: torch.Size | tuple[int, ...], cap_vectors: bool) -> bool:
     return len(shape) >= 2 or (cap_vectors and len(shape) == 1)
 
 
+_ONE = torch.tensor(1.0)  # (made once: a warm step creates no tensor for it)
+
+
 def advance_steps_(steps: list[Tensor]) -> None:
     """t ← t + 1 for each step counter (CPU counters with a CPU scalar, as torch's AdamW does)."""
     if steps[0].is_cpu:
-        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+        torch._foreach_add_(steps, _ONE, alpha=1.0)
     else:
         torch._foreach_add_(steps, 1)
 
@@ -106,7 +111,7 @@ def adam_moments_(
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    ts = [float(s) for s in steps]  # step counters live on the CPU (as in torch): no device sync
+    ts = torch.stack(steps).tolist()  # step counters live on the CPU (as in torch): no device sync
     return [1 - beta1**t for t in ts], [1 - beta2**t for t in ts]
 
 
@@ -150,16 +155,21 @@ def same_dense_layout(*tensors: Tensor) -> bool:
     return dense_layout(first) and all(t.shape == first.shape and t.stride() == first.stride() for t in tensors[1:])
 
 
+#: Device types with torch's fused AdamW kernel (``torch._fused_adamw_``), which :func:`fused_direction` runs.
+FUSED_DIRECTION_DEVICES = ("cpu", "cuda", "xpu", "meta")
+
+
 def fused_direction_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> bool:
-    """Whether :func:`fused_direction` can serve these tensors: all on the CPU, one floating dtype, each
-    tensor's gradient and moments of one dense layout (torch's fused kernel walks memory, not indices: on a
-    gradient strided unlike its moments, or on strided slices, it pairs up the wrong elements), and the CPU
-    kernels not switched off (``HF_WEYL_CPU_KERNEL=0`` gives the foreach path everywhere: its elementwise
+    """Whether :func:`fused_direction` can serve these tensors: all on one device of :data:`FUSED_DIRECTION_DEVICES`,
+    one floating dtype, each tensor's gradient and moments of one dense layout (torch's fused kernel walks memory,
+    not indices: on a gradient strided unlike its moments, or on strided slices, it pairs up the wrong elements),
+    and the kernels not switched off (``HF_WEYL_CPU_KERNEL=0`` gives the foreach path everywhere: its elementwise
     results do not depend on where a shard starts, so sharded runs can be compared bit for bit)."""
-    dtype = params[0].dtype
+    dtype, device = params[0].dtype, exp_avgs[0].device
     return (
-        not kernel_disabled()
-        and all(t.device.type == "cpu" and t.dtype == dtype for seq in (grads, exp_avgs, exp_avg_sqs) for t in seq)
+        device.type in FUSED_DIRECTION_DEVICES
+        and not kernel_disabled()
+        and all(t.device == device and t.dtype == dtype for seq in (grads, exp_avgs, exp_avg_sqs) for t in seq)
         and all(same_dense_layout(g, m, v) for g, m, v in zip(grads, exp_avgs, exp_avg_sqs))
     )
 
@@ -176,18 +186,19 @@ def fused_direction(
     eps: float,
 ) -> list[Tensor]:
     """Advance step counters and moments, and return U = m̂ / (sqrt(v̂) + ε) per tensor, in one pass of torch's
-    fused AdamW kernel (CPU) run on zeroed views of the work buffer as its "parameters" with lr = −1 and no
-    weight decay: p ← 0 − (−1)·U. Each view has its moments' strides (:func:`fused_direction_applies`: one
-    dense layout per tensor), so U has its parameter's layout. (The foreach form, :func:`adam_moments_` +
-    :func:`adam_direction`, takes about six passes.)"""
+    fused AdamW kernel run on zeroed views of the work buffer as its "parameters" with lr = −1 and no weight decay:
+    p ← 0 − (−1)·U. Each view has its moments' strides (:func:`fused_direction_applies`: one dense layout per
+    tensor), so U has its parameter's layout; the views are made once per set of layouts (:meth:`WorkBuffer.views`).
+    The kernel reads the step counters on the moments' device: CPU counters are copied there in one transfer.
+    (The foreach form, :func:`adam_moments_` + :func:`adam_direction`, takes about six passes.)"""
     advance_steps_(steps)
-    buffer = work.get(exp_avgs[0].dtype, sum(t.numel() for t in exp_avgs))
-    directions, offset = [], 0
-    for m in exp_avgs:
-        directions.append(buffer[offset : offset + m.numel()].as_strided(m.shape, m.stride()))
-        offset += m.numel()
+    directions = work.views(exp_avgs)
     torch._foreach_zero_(directions)
-    torch._fused_adamw_(directions, grads, exp_avgs, exp_avg_sqs, [], steps, lr=-1.0, beta1=beta1, beta2=beta2,
+    device = exp_avgs[0].device
+    kernel_steps = steps
+    if steps[0].device != device and device.type != "meta":
+        kernel_steps = list(torch.stack(steps).to(device, non_blocking=True).unbind(0))
+    torch._fused_adamw_(directions, grads, exp_avgs, exp_avg_sqs, [], kernel_steps, lr=-1.0, beta1=beta1, beta2=beta2,
                         weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
     return directions
 
@@ -201,7 +212,7 @@ def cap_ratio(sigma_weight: Tensor, sigma_update: Tensor, capped: Tensor, *, lr:
     limit = tau * sigma_weight
     proposed = lr * sigma_update
     binds = capped & (sigma_weight > 0) & (proposed > limit)
-    return torch.where(binds, limit / proposed.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(limit))
+    return torch.where(binds, limit / proposed.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
 
 
 def apply_capped_update_(
@@ -214,27 +225,65 @@ def apply_capped_update_(
     weight_decay: float,
 ) -> None:
     """W ← W(1 − α'λ) − α' s D with α' = lr · ratio per tensor (U = s·D), without a host sync."""
-    ratio = ratio.to(torch.promote_types(params[0].dtype, torch.float32))  # fp64 params keep fp64 scalars
+    if params[0].dtype == torch.float64:
+        ratio = ratio.double()  # fp64 params keep fp64 scalars
     eff_lr = ratio * lr
     if weight_decay != 0:
         torch._foreach_mul_(params, list((1 - eff_lr * weight_decay).unbind(0)))
-    scales = torch.tensor(direction_scales, dtype=ratio.dtype).to(ratio.device, non_blocking=True)
-    torch._foreach_addcmul_(params, directions, list((-eff_lr * scales).unbind(0)))
+    if any(s != 1.0 for s in direction_scales):
+        scales = torch.tensor(direction_scales, dtype=ratio.dtype).to(ratio.device, non_blocking=True)
+        eff_lr = eff_lr * scales
+    torch._foreach_addcmul_(params, directions, list((-eff_lr).unbind(0)))
 
 
 class WorkBuffer:
-    """A flat buffer per dtype, grown as needed and kept between steps, for U: the fused CPU step needs the largest
-    capped matrix, :func:`fused_direction` a whole bucket of tensors. Kept, so no fresh one is page-faulted in
-    every step."""
+    """What a step reuses between steps, so that a warm step allocates and views nothing: a flat buffer per device and
+    dtype, grown as needed, for U (the fused CPU step needs the largest capped matrix, :func:`fused_direction` a
+    whole bucket of tensors), the views of it :func:`fused_direction` writes U into, and the stacked matrices of the
+    batched power iteration (:class:`~hf_weyl.core.power_iteration.StackCache`)."""
+
+    #: Sets of U views kept (one per bucket of tensors a step has; more means the buckets change between steps).
+    MAX_VIEW_SETS = 8
 
     def __init__(self) -> None:
-        self._buffers: dict[torch.dtype, Tensor] = {}
+        self._buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._views: dict[tuple, tuple[Tensor, list[Tensor]]] = {}
+        self._constants: dict[tuple, Tensor] = {}
+        self.stacks = StackCache()
 
-    def get(self, dtype: torch.dtype, numel: int) -> Tensor:
-        buf = self._buffers.get(dtype)
+    def get(self, dtype: torch.dtype, numel: int, device: torch.device | str = "cpu") -> Tensor:
+        key = (dtype, torch.device(device))
+        buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
-            buf = self._buffers[dtype] = torch.empty(numel, dtype=dtype)
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf
+
+    def constant(self, key: tuple, make) -> Tensor:
+        """A small tensor kept under ``key`` (made by ``make()`` the first time)."""
+        value = self._constants.get(key)
+        if value is None:
+            if len(self._constants) >= 64:
+                self._constants.clear()
+            value = self._constants[key] = make()
+        return value
+
+    def views(self, like: list[Tensor]) -> list[Tensor]:
+        """Consecutive views of the buffer on ``like``'s device and dtype, each with the shape and strides of its
+        tensor in ``like`` (dense layouts); made once per set of layouts while the buffer stays the same."""
+        first = like[0]
+        key = (first.dtype, first.device, tuple((t.shape, t.stride()) for t in like))
+        buf = self.get(first.dtype, sum(t.numel() for t in like), first.device)
+        kept = self._views.get(key)
+        if kept is not None and kept[0] is buf:
+            return kept[1]
+        views, offset = [], 0
+        for t in like:
+            views.append(buf[offset : offset + t.numel()].as_strided(t.shape, t.stride()))
+            offset += t.numel()
+        if len(self._views) >= self.MAX_VIEW_SETS:
+            self._views.clear()
+        self._views[key] = (buf, views)
+        return views
 
 
 def fused_cpu_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> bool:
@@ -408,9 +457,9 @@ def _eager_step(
 
     flat = [(u, part) for u, unit_parts in enumerate(parts) for part in unit_parts]
     n = len(flat)
-    sigma_w = torch.zeros(n, dtype=torch.float32, device=device)
-    sigma_u = torch.zeros(n, dtype=torch.float32, device=device)
     idx = [i for i, v in enumerate(weight_vectors) if v is not None]
+    capped = _constant(work, "capped", tuple(v is not None for v in weight_vectors), device, torch.bool)
+    sigmas = torch.zeros(2 * n, dtype=torch.float32, device=device)  # σ_W, then σ_U
     whole = [i for i in idx if flat[i][1].layout is None]
     sharded = [i for i in idx if flat[i][1].layout is not None]
     for chosen, sharded_here in ((whole, False), (sharded, True)):
@@ -420,20 +469,23 @@ def _eager_step(
         weights = [_part_view(params[flat[i][0]], flat[i][1]) for i in chosen]
         updates = [_part_view(directions[flat[i][0]], flat[i][1]) for i in chosen]
         if not sharded_here:
-            sw = power_iteration_([as_matrix(w) for w in weights], w_vecs, power_iters.weight)
-            su = power_iteration_([as_matrix(d) for d in updates], u_vecs, power_iters.update)
+            stacks = work.stacks if work is not None else None
+            w_mats, u_mats = [as_matrix(w) for w in weights], [as_matrix(d) for d in updates]
+            if power_iters.weight == power_iters.update:  # W's and U's in the same products
+                both = power_iteration_(w_mats + u_mats, w_vecs + u_vecs, power_iters.weight, stacks)
+            else:
+                both = torch.cat([power_iteration_(w_mats, w_vecs, power_iters.weight, stacks),
+                                  power_iteration_(u_mats, u_vecs, power_iters.update, stacks)])
         else:
             if sigma is None:
                 raise RuntimeError("AdamWeyl: parts laid out across ranks need a sharded σ (StepPlan.sigma)")
             sw, su = sigma.sigmas([flat[i][1].layout for i in chosen], weights, updates, w_vecs, u_vecs, power_iters,
                                   sigma_mode)
-        index = torch.tensor(chosen, device=device)
-        sigma_w.index_copy_(0, index, sw.to(device))
-        scale = torch.tensor([scales[flat[i][0]] for i in chosen], device=device)
-        sigma_u.index_copy_(0, index, su.to(device) * scale)  # σ1(sD) = s σ1(D)
-    capped = torch.zeros(n, dtype=torch.bool, device=device)
-    if idx:
-        capped[idx] = True
+            both = torch.cat([sw.to(device), su.to(device)])
+        sigmas.index_copy_(0, _constant(work, "index", tuple(chosen) + tuple(n + i for i in chosen), device), both)
+    sigma_w, sigma_u = sigmas[:n], sigmas[n:]
+    if any(s != 1.0 for s in scales):  # σ1(sD) = s σ1(D)
+        sigma_u = sigma_u * torch.tensor([scales[u] for u, _ in flat], device=device)
     ratio = cap_ratio(sigma_w, sigma_u, capped, lr=lr, tau=tau)
 
     segments = _segments(params, parts)
@@ -448,6 +500,13 @@ def _eager_step(
         apply_capped_update_(seg_w, seg_u, seg_ratio, [scales[u] for u, _, _, _ in segments], lr=lr,
                              weight_decay=weight_decay)
     return ratio, sigma_w, sigma_u
+
+
+def _constant(work: WorkBuffer | None, kind: str, values: tuple, device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
+    """A small constant tensor (indices, masks) on ``device``, made once per value and kept in ``work``."""
+    if work is None:
+        return torch.tensor(values, dtype=dtype, device=device)
+    return work.constant((kind, values, device, dtype), lambda: torch.tensor(values, dtype=dtype, device=device))
 
 
 def _fused_cpu_step(
@@ -539,16 +598,14 @@ def _fused_pieces_step(
     pieces = (offsets, starts, numels, rows, cols)
     half = sum(long.sizes) // 2
 
-    def long_products(xs: list[Tensor]) -> Tensor:  # pass 1: moments, U, B x of W and U
-        x = torch.cat(xs)
+    def long_products(x: Tensor) -> Tensor:  # pass 1: moments, U, B x of W and U
         out = kernel.pieces_pass1(flat, grad, exp_avg, exp_avg_sq, buffer, *pieces, [g[0] for g in gaps],
                                   [g[1] for g in gaps], x[: x.numel() // 2].contiguous(), x[x.numel() // 2 :].contiguous(),
                                   1 - beta1**t, 1 - beta2**t, beta1, beta2, eps)
         sigma.all_reduce_(out, group)
         return out
 
-    def short_products(ys: list[Tensor]) -> Tensor:  # pass 2: Bᵀ y of W and U
-        y = torch.cat(ys)
+    def short_products(y: Tensor) -> Tensor:  # pass 2: Bᵀ y of W and U
         out = kernel.pieces_pass2(flat, buffer, *pieces, y[:half].contiguous(), y[half:].contiguous())
         sigma.all_reduce_(out, group)
         return out

@@ -111,8 +111,8 @@ def _run_power_steps(products, vectors: list[Tensor], short: Segments, long: Seg
     a_times)`` summed over the ranks: B x is A x for tall matrices and Aᵀ x for wide ones, Bᵀ y the other way. The
     vectors are updated in place; returns σ."""
     sigma, x = power_steps_(
-        lambda xs: products(xs, long, tall),
-        lambda ys: products(ys, short, [not t for t in tall]),
+        lambda x: products(list(x.split(short.sizes)), long, tall),
+        lambda y: products(list(y.split(long.sizes)), short, [not t for t in tall]),
         torch.cat(vectors),
         short,
         long,

@@ -1,0 +1,109 @@
+"""The accelerator step (issue 20): few dispatched ops per warm step — power iteration batched by shape
+(``hf_weyl.core.power_iteration.StackCache``), moments and U from torch's fused AdamW kernel on every device that has
+it — with the numerics of the per-matrix step. The batched products run on accelerators only; here they are forced
+onto the CPU to compare them with the per-matrix ones."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import make_tiny_gpt2, token_batches
+from hf_weyl import AdamWeyl
+from hf_weyl.core import functional, power_iteration
+from hf_weyl.core.power_iteration import StackCache, initial_vector, power_iteration_
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def gpt2_small_params(device: str) -> list[torch.Tensor]:
+    """GPT-2 small's 148 parameter shapes (tied head), with gradients."""
+    d = 768
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    shapes = [(50257, d), (1024, d)] + block * 12 + [(d,), (d,)]
+    params = [torch.empty(s, device=device, requires_grad=True) for s in shapes]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    return params
+
+
+def test_warm_step_dispatches_at_most_100_ops_for_gpt2_small():
+    """The accelerator step (meta device: no kernel, every op counted) of GPT-2 small past its fresh steps: ≤ 100
+    dispatched aten ops (it was 817: a product per matrix and half-step, a counter read per tensor)."""
+    opt = AdamWeyl(gpt2_small_params("meta"), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, tau=0.01)
+    for _ in range(functional.FRESH_STEPS):
+        opt.step()
+    with CountOps() as mode:
+        opt.step()
+    total = sum(mode.ops.values())
+    assert total <= 100, (total, mode.ops.most_common(12))
+    assert mode.ops["aten._fused_adamw_"] == 1 and mode.ops["aten.mv"] <= 4  # only the matrices too big to stack
+    assert mode.ops["aten._local_scalar_dense"] <= 1  # one host read of a CPU counter (the fresh-step rule)
+
+
+@pytest.fixture
+def stacks_on_cpu(monkeypatch):
+    monkeypatch.setattr(power_iteration, "STACK_DEVICES", ("cpu",))
+    monkeypatch.setattr(power_iteration, "STACK_MAX_NUMEL", 600)  # so that some matrices stay alone
+
+
+def test_stacked_power_iteration_equals_per_matrix(stacks_on_cpu):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 4), (4, 6), (6, 4), (30, 30), (4, 6), (6, 4), (1, 9), (1, 9), (5, 5)]
+    mats = [torch.randn(s, generator=gen) * 10.0 ** (i - 4) for i, s in enumerate(shapes)]
+    mats.append(torch.randn(8, 3, generator=gen).t())  # a transposed view (3 × 8)
+    ref_vecs = [initial_vector(min(m.shape)) for m in mats]
+    vecs = [v.clone() for v in ref_vecs]
+    stacks = StackCache()
+    for iters in (3, 1, 1):
+        ref = power_iteration_(mats, ref_vecs, iters)
+        got = power_iteration_(mats, vecs, iters, stacks)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+        for a, b in zip(vecs, ref_vecs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    exact = torch.stack([torch.linalg.matrix_norm(m.double(), 2) for m in mats]).float()
+    assert (got <= exact * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+def test_eager_step_with_stacks_equals_the_per_matrix_step(stacks_on_cpu, monkeypatch, dtype, tol):
+    """The eager step (kernel off) with the batched products against the per-matrix products, cap binding, on
+    GPT-2 (tall and wide matrices of equal shapes) with a transposed and a channels_last parameter added."""
+    monkeypatch.setattr(functional, "cpu_kernel", lambda: None)
+    base = make_tiny_gpt2(dtype=dtype)
+    extra = [torch.nn.Parameter(torch.randn(12, 20).to(dtype).t()),  # transposed (20 × 12)
+             torch.nn.Parameter(torch.randn(4, 3, 2, 2).to(dtype).to(memory_format=torch.channels_last)),
+             torch.nn.Parameter(torch.randn(4, 3, 2, 2).to(dtype))]
+    runs = []
+    for stacked in (False, True):
+        model, ps = copy.deepcopy(base), [torch.nn.Parameter(e.detach().clone()) for e in extra]
+        if stacked:
+            monkeypatch.setattr(power_iteration, "STACK_DEVICES", ("cpu",))
+        else:
+            monkeypatch.setattr(power_iteration, "STACK_DEVICES", ())
+        opt = AdamWeyl(list(model.parameters()) + ps, lr=3e-2, tau=0.01, weight_decay=0.1)
+        ratios = []
+        for batch in token_batches(12):
+            opt.zero_grad()
+            (model(input_ids=batch, labels=batch).loss + sum((p.float() ** 2).sum() for p in ps)).backward()
+            opt.step()
+            ratios.append(opt.last_stats.lr_ratio.clone())
+        runs.append(([p.detach().float() for p in list(model.parameters()) + ps], torch.stack(ratios)))
+    (w0, r0), (w1, r1) = runs
+    assert (r0 < 1).any(), "the cap never bound"
+    torch.testing.assert_close(r1, r0, rtol=tol, atol=tol)
+    for a, b in zip(w1, w0):  # per tensor, relative to its norm; vectors (near-zero gradients) amplify rounding, as
+        bound = tol if a.ndim >= 2 else 50 * tol  # in test_device
+        assert float((a - b).norm() / b.norm().clamp_min(1e-12)) <= bound, (tuple(a.shape), bound)
