@@ -107,3 +107,88 @@ def test_eager_step_with_stacks_equals_the_per_matrix_step(stacks_on_cpu, monkey
     for a, b in zip(w1, w0):  # per tensor, relative to its norm; vectors (near-zero gradients) amplify rounding, as
         bound = tol if a.ndim >= 2 else 50 * tol  # in test_device
         assert float((a - b).norm() / b.norm().clamp_min(1e-12)) <= bound, (tuple(a.shape), bound)
+
+
+def test_capturable_step_reads_no_device_value():
+    """``capturable=True``: counters on the parameters' device and no host read of a device value in ``step()`` (on
+    the meta device any such read raises) — cold, fresh and warm steps, a device-tensor lr."""
+    model = make_tiny_gpt2().to("meta")
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    opt = AdamWeyl(model.parameters(), lr=3e-2, tau=0.01, capturable=True)
+    opt.param_groups[0]["lr"] = torch.tensor(3e-2, device="meta")  # (validated as a host value when built)
+    for _ in range(functional.FRESH_STEPS + 2):
+        opt.step()
+    assert all(s["step"].device.type == "meta" for s in opt.state.values())
+    assert opt.last_stats.lr_ratio.device.type == "meta"
+
+
+def test_capturable_equals_the_eager_step_on_cpu(monkeypatch):
+    """Same arithmetic as the eager step (fused direction, per-matrix σ's): bit for bit over 13 steps with the cap
+    binding (one iteration for every σ: capturable gives σ1(W) the fresh steps' iterations too); counters as device
+    (here CPU) tensors; a state_dict round trip keeps the option."""
+    monkeypatch.setattr(functional, "cpu_kernel", lambda: None)
+    base, batches = make_tiny_gpt2(), token_batches(13)
+    runs = []
+    for capturable in (False, True):
+        model = copy.deepcopy(base)
+        opt = AdamWeyl(model.parameters(), lr=3e-2, tau=0.01, weight_decay=0.1, cold_start_iters=1,
+                       capturable=capturable)
+        for batch in batches:
+            opt.zero_grad()
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+        runs.append((model, opt))
+    (m0, o0), (m1, o1) = runs
+    assert (o1.last_stats.lr_ratio < 1).any()
+    for a, b in zip(m1.parameters(), m0.parameters()):
+        assert torch.equal(a, b)
+    again = AdamWeyl(m1.parameters(), lr=3e-2, tau=0.01, weight_decay=0.1, capturable=True)
+    again.load_state_dict(o1.state_dict())
+    assert again.param_groups[0]["capturable"] is True
+
+
+def test_capturable_serves_layouts_the_fused_kernel_cannot(monkeypatch):
+    """A gradient strided unlike its parameter (the fused kernel would pair up the wrong elements) takes the foreach
+    ops with device bias corrections: equal to the eager step's foreach form, no host read."""
+    monkeypatch.setattr(functional, "cpu_kernel", lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(4, 8, generator=gen).t()
+    grads = [torch.randn(8, 4, generator=gen) for _ in range(4)]
+    out = []
+    for capturable in (False, True):
+        w = torch.nn.Parameter(w0.clone().t().contiguous().t())  # transposed, like w0
+        opt = AdamWeyl([w], lr=3e-2, tau=0.01, cold_start_iters=1, capturable=capturable)
+        for g in grads:
+            w.grad = g.clone()  # contiguous: not the parameter's layout
+            opt.step()
+        out.append(w.detach().clone())
+    torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="capturable"):
+        AdamWeyl([w0.clone().requires_grad_()], capturable="yes")
+
+
+def test_compiled_step_has_no_graph_break_and_equals_the_eager_step(monkeypatch):
+    """``torch.compile(optimizer.step, fullgraph=True)`` with inductor on the CPU, from the first step (state made
+    inside the graph): no graph break, and the weights equal the eager step's (the step under compile takes the
+    foreach form with device bias corrections and per-matrix products) within float rounding, cap binding."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    base, batches = make_tiny_gpt2(n_layer=1, n_embd=16), token_batches(4)
+    runs = []
+    for compiled in (False, True):
+        model = copy.deepcopy(base)
+        opt = AdamWeyl(model.parameters(), lr=3e-2, tau=0.01, weight_decay=0.1, cold_start_iters=1)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for batch in batches:
+            opt.zero_grad()
+            model(input_ids=batch, labels=batch).loss.backward()
+            step()
+        runs.append((model, opt))
+    (m0, o0), (m1, o1) = runs
+    assert (o1.last_stats.lr_ratio < 1).any()
+    torch.testing.assert_close(o1.last_stats.lr_ratio, o0.last_stats.lr_ratio, rtol=1e-5, atol=1e-6)
+    for a, b in zip(m1.parameters(), m0.parameters()):  # per tensor, relative to its norm (vectors: see above)
+        bound = 1e-5 if a.ndim >= 2 else 5e-4
+        assert float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-12)) <= bound, tuple(a.shape)

@@ -42,6 +42,7 @@ __all__ = [
     "IMPLS",
     "WorkBuffer",
     "adam_direction",
+    "adam_direction_on_device",
     "adam_moments_",
     "adamweyl",
     "apply_capped_update_",
@@ -135,6 +136,39 @@ def adam_direction(
     torch._foreach_reciprocal_(direction)
     torch._foreach_mul_(direction, exp_avgs)
     return direction, [c / bc for c, bc in zip(roots, bias_corrections1)]
+
+
+def adam_direction_on_device(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> list[Tensor]:
+    """Advance counters and moments and return U = m̂ / (sqrt(v̂) + ε) with foreach ops whose bias corrections are
+    tensors computed from the counters where they live (as torch's capturable AdamW): no host read, any layout —
+    the form ``capturable=True`` and ``torch.compile`` take where the fused kernel cannot serve."""
+    advance_steps_(steps)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    bc1 = torch._foreach_pow(beta1, steps)  # β1^t, then 1 − β1^t
+    torch._foreach_neg_(bc1)
+    torch._foreach_add_(bc1, 1)
+    root2 = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(root2)
+    torch._foreach_add_(root2, 1)
+    torch._foreach_sqrt_(root2)  # sqrt(1 − β2^t)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [r.to(d.device) for r, d in zip(root2, denom)] if steps[0].device != denom[0].device else root2)
+    torch._foreach_add_(denom, eps)
+    directions = torch._foreach_div(exp_avgs, [b.to(m.device) for b, m in zip(bc1, exp_avgs)]
+                                    if steps[0].device != exp_avgs[0].device else bc1)
+    torch._foreach_div_(directions, denom)
+    return directions
 
 
 def dense_layout(t: Tensor) -> bool:
@@ -335,10 +369,10 @@ def choose_impl(
     * ``"fused_pieces"``: flat fp32 CPU partitions of row pieces (ZeRO, ZeRO-Offload), one power iteration (warm
       steps), ``vector_reduce`` — the same kernel's piece passes with two vector all-reduces;
     * ``"eager"``: everything else (any device, layout, dtype; a device-tensor lr), and everywhere with
-      ``HF_WEYL_CPU_KERNEL=0`` or when the kernel is not built.
+      ``HF_WEYL_CPU_KERNEL=0``, under ``torch.compile``, or when the kernel is not built.
     """
-    if kernel_disabled() or isinstance(lr, Tensor) or not params:
-        return "eager"
+    if torch.compiler.is_compiling() or kernel_disabled() or isinstance(lr, Tensor) or not params:
+        return "eager"  # (the C++ kernels are opaque to torch.compile)
     if sigma is None:
         if fused_cpu_applies(params, grads, exp_avgs, exp_avg_sqs) and cpu_kernel() is not None:
             return "fused_cpu"
@@ -371,6 +405,7 @@ def adamweyl(
     sigma: ShardedSigma | None = None,
     sigma_mode: str = "vector_reduce",
     work: WorkBuffer | None = None,
+    no_host_reads: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One AdamW² step over units (:mod:`hf_weyl.core.layout`) on one device:
     moments → direction U → σ_W, σ_U (by layout) → ratio = min(1, τσ_W/(lr σ_U)) → W ← W(1 − α'λ) − α'U.
@@ -378,7 +413,8 @@ def adamweyl(
     ``params``, ``grads``, moments and step counters are per unit (local tensors; the counters are advanced in
     place), ``parts`` per unit; ``weight_vectors``/``update_vectors`` (fp32, warm-started in place; None: the part
     is not capped) and ``weight_products`` (the fused CPU step's kept b_W) per part, in unit order. ``impl``: one of
-    :data:`IMPLS` (:func:`choose_impl`); ``sigma`` computes σ's of parts with a layout. Returns (lr ratio, σ_W,
+    :data:`IMPLS` (:func:`choose_impl`); ``sigma`` computes σ's of parts with a layout; ``no_host_reads``
+    (``capturable``, with the eager impl): nothing read on the host, the counters may live on the device. Returns (lr ratio, σ_W,
     σ_U) per part as fp32 tensors (σ = 0 where not capped)."""
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, tau=tau, power_iters=power_iters)
     if impl == "fused_cpu":
@@ -392,7 +428,7 @@ def adamweyl(
     if impl != "eager":
         raise ValueError(f"unknown AdamW² implementation {impl!r}; valid: {IMPLS}")
     return _eager_step(params, grads, exp_avgs, exp_avg_sqs, steps, parts, weight_vectors, update_vectors, **hyper,
-                       sigma=sigma, sigma_mode=sigma_mode, work=work)
+                       sigma=sigma, sigma_mode=sigma_mode, work=work, no_host_reads=no_host_reads)
 
 
 def _of_unit(per_part: list, parts: list[list[Part]], u: int) -> list:
@@ -443,12 +479,20 @@ def _eager_step(
     sigma: ShardedSigma | None,
     sigma_mode: str,
     work: WorkBuffer | None,
+    no_host_reads: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The AdamW² step in phases, on any device (the reference the fused steps equal). On the CPU, with a ``work``
-    buffer, moments and U come from torch's fused AdamW kernel in one pass (:func:`fused_direction`), else (and
-    with ``HF_WEYL_CPU_KERNEL=0``) from foreach ops."""
+    """The AdamW² step in phases, on any device (the reference the fused steps equal). With a ``work`` buffer,
+    moments and U come from torch's fused AdamW kernel in one pass (:func:`fused_direction`) where it serves the
+    layouts, else (and with ``HF_WEYL_CPU_KERNEL=0``) from foreach ops; ``no_host_reads`` (``capturable``) and
+    ``torch.compile`` take the foreach ops with bias corrections on the counters' device
+    (:func:`adam_direction_on_device`) where the fused kernel does not serve (under compile: always)."""
     device = params[0].device
-    if work is not None and fused_direction_applies(params, grads, exp_avgs, exp_avg_sqs):
+    if torch.compiler.is_compiling() or (
+        no_host_reads and not (work is not None and fused_direction_applies(params, grads, exp_avgs, exp_avg_sqs))
+    ):
+        directions = adam_direction_on_device(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps)
+        scales = [1.0] * len(params)
+    elif work is not None and fused_direction_applies(params, grads, exp_avgs, exp_avg_sqs):
         directions = fused_direction(work, grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps)
         scales = [1.0] * len(params)
     else:

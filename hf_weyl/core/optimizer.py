@@ -23,9 +23,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .functional import WorkBuffer, adamweyl, choose_impl, is_capped, is_fresh, power_iters_for
+from .functional import FRESH_STEPS, WorkBuffer, adamweyl, choose_impl, is_capped, is_fresh, power_iters_for
 from .layout import SIGMA_MODES, Part, StepPlan, Unit
-from .power_iteration import initial_vector, vector_length
+from .power_iteration import PowerIters, initial_vector, vector_length
 
 __all__ = [
     "DEFAULT_COLD_START_ITERS",
@@ -71,7 +71,8 @@ PACKED_VECTORS = "zero_weyl"
 GROUP_INDEX = "weyl_group_index"
 
 #: The per-group options of ``AdamWeyl`` (every one may be overridden per param group).
-OPTIONS = ("lr", "betas", "eps", "weight_decay", "tau", "power_iters", "cap_vectors", "cold_start_iters", "sigma_mode")
+OPTIONS = ("lr", "betas", "eps", "weight_decay", "tau", "power_iters", "cap_vectors", "cold_start_iters", "sigma_mode",
+           "capturable")
 
 
 @dataclass
@@ -251,6 +252,7 @@ def _validate_group(g: dict[str, Any]) -> None:
         )
     _check("cap_vectors", g["cap_vectors"], isinstance(g["cap_vectors"], bool), "True or False")
     _check("sigma_mode", g["sigma_mode"], g["sigma_mode"] in SIGMA_MODES, f"one of {SIGMA_MODES} (used when matrices are sharded)")
+    _check("capturable", g["capturable"], isinstance(g["capturable"], bool), "True or False")
     for p in g["params"]:
         if torch.is_complex(p):
             raise ValueError(
@@ -259,6 +261,17 @@ def _validate_group(g: dict[str, Any]) -> None:
             )
         if not p.is_floating_point():
             raise ValueError(f"AdamWeyl: parameters must be floating point, got {p.dtype} of shape {tuple(p.shape)}")
+
+
+def _check_capturable(plan: StepPlan) -> None:
+    """``capturable=True`` steps parameters whole on one device: matrices split across ranks are refused (their σ
+    collectives are not capturable yet)."""
+    if plan.sigma is not None:
+        raise RuntimeError(
+            f"AdamWeyl(capturable=True) steps parameters whole on one device; these are split across ranks by "
+            f"{plan.engine}, whose σ collectives are not capturable yet. Use capturable=False under ZeRO, FSDP2 and "
+            "tensor parallelism."
+        )
 
 
 def _host_or_device_lr(lr: float | Tensor) -> float | Tensor:
@@ -299,6 +312,13 @@ class AdamWeyl(Optimizer):
         sigma_mode: how σ's are computed when an engine shards the matrices (DeepSpeed ZeRO, FSDP2):
             ``"vector_reduce"`` (all-reduce only the power-iteration vectors) or ``"gather"``
             (all-gather whole matrices). Ignored for tensors that are whole on one device.
+        capturable: as ``torch.optim.AdamW(capturable=True)``: step counters live on the parameters' device and
+            ``step()`` reads no device value on the host (give ``lr`` as a device tensor to change it between
+            replays), so the step can be captured in a CUDA graph. Moments and U then come from torch's fused
+            AdamW kernel where it serves the layouts, else from foreach ops with bias corrections computed on the
+            device; every path is the eager one; parameters split across ranks are refused; and the extra σ1(U) iterations of the first ``FRESH_STEPS`` steps follow the number of ``step()``
+            calls of this optimizer object (a resumed one repeats them: more iterations, never fewer), σ1(W)'s
+            too. Capture after a first eager step, which creates the state and the buffers the step reuses.
 
     After each ``step()``, ``last_stats`` holds a :class:`CapStats` (device tensors, no sync).
 
@@ -320,6 +340,7 @@ class AdamWeyl(Optimizer):
         cap_vectors: bool = False,
         cold_start_iters: int = DEFAULT_COLD_START_ITERS,
         sigma_mode: str = "vector_reduce",
+        capturable: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -331,6 +352,7 @@ class AdamWeyl(Optimizer):
             cap_vectors=cap_vectors,
             cold_start_iters=cold_start_iters,
             sigma_mode=sigma_mode,
+            capturable=capturable,
         )
         _validate_group({**defaults, "params": []})
         self._group_params: list[list[Tensor]] = []  # each group's parameters as built (engines may swap them)
@@ -340,8 +362,8 @@ class AdamWeyl(Optimizer):
         self._group_stats: dict[int, dict[int, CapStats]] = {}  # group index → first parameter's position → stats
         self._work = WorkBuffer()  # the fused CPU step's buffer for U, kept between steps
         self._counters: WeakIdKeyDictionary = WeakIdKeyDictionary()  # step counter → the state key that owns it
+        self._calls: dict[int, int] = {}  # group index → step() calls that stepped it (the capturable fresh rule)
         super().__init__(params, defaults)
-        self.last_stats: CapStats | None = None
         _guard_foreign_steps()
         for adapter in _ENGINE_ADAPTERS:
             adapter.check_construction(self)
@@ -352,6 +374,9 @@ class AdamWeyl(Optimizer):
         _validate_group(group)
         group[GROUP_INDEX] = len(self._group_params)
         self._group_params.append(list(group["params"]))
+        for p in group["params"]:  # (their start vectors, made now: a step under torch.compile only copies them)
+            if is_capped(p.shape, group["cap_vectors"]):
+                initial_vector(vector_length(p.shape))
         self._built_ids.update(id(p) for p in group["params"])
         self._adapter_for(group)  # refuse layouts no adapter can honour (e.g. FSDP1) at construction
 
@@ -390,7 +415,8 @@ class AdamWeyl(Optimizer):
         self.__dict__.setdefault("_group_stats", {})
         self.__dict__.setdefault("_work", WorkBuffer())
         self.__dict__.setdefault("_counters", WeakIdKeyDictionary())
-        self.__dict__.setdefault("last_stats", None)
+        self.__dict__.setdefault("_calls", {})
+        self.__dict__.pop("last_stats", None)  # (a property now; older pickles carried it as an attribute)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``Optimizer.load_state_dict``; the power-iteration vectors keep their dtype (bit-identical resume)."""
@@ -435,13 +461,15 @@ class AdamWeyl(Optimizer):
         """The plan of a group of parameters whole on this device: one unit per parameter with a gradient."""
         return StepPlan([Unit(p, p, p.grad, [Part(p, p.shape)]) for p in group["params"] if p.grad is not None])
 
-    def _state_for(self, unit: Unit, capped: list[bool], keep_product: bool) -> tuple[dict[str, Any], list, list, list, bool]:
+    def _state_for(self, unit: Unit, capped: list[bool], keep_product: bool,
+                   capturable: bool = False) -> tuple[dict[str, Any], list, list, list, bool]:
         """The state of ``unit`` — the one place optimizer state is created — and its parts' (weight vector, update
         vector, kept b_W) (None where a part is not capped); True if some vector starts cold.
 
         Moments are shaped like the unit's key (a parameter, a DTensor, a flat partition). The step counter is a CPU
         fp32 tensor owned by this unit: one shared with another state (DeepSpeed's ZeRO-3 universal-checkpoint load
-        puts one tensor into every sub-group) is copied first, so no step is counted twice. Vectors (fp32, length
+        puts one tensor into every sub-group) is copied first, so no step is counted twice; ``capturable``: it lives on
+        the unit's device instead. Vectors (fp32, length
         min(m, n) of the full matrix) are kept per tensor for a unit that is one parameter, and packed
         (:data:`PACKED_VECTORS`) for a unit holding several parameters' pieces; ``keep_product``: whole CPU
         matrices keep b_W for the fused step."""
@@ -451,9 +479,13 @@ class AdamWeyl(Optimizer):
             state["exp_avg"] = torch.zeros_like(key, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(key, memory_format=torch.preserve_format)
         step = state.get("step", 0.0)
-        owner = self._counters.get(step) if torch.is_tensor(step) else None
-        if owner is not key or step.device.type != "cpu" or step.dtype != torch.float32:
-            state["step"] = step = torch.as_tensor(step, dtype=torch.float32, device="cpu").clone()
+        where = unit.param.device if capturable else torch.device("cpu")
+        if torch.compiler.is_compiling():  # (a compiled step is single-device: no engine shares counters)
+            if not torch.is_tensor(step):
+                state["step"] = torch.zeros((), dtype=torch.float32, device=where)
+        elif (not torch.is_tensor(step) or self._counters.get(step) is not key or step.device != where
+              or step.dtype != torch.float32):
+            state["step"] = step = torch.as_tensor(step, dtype=torch.float32).to(where, copy=True)
             self._counters[step] = key
         cold = False
         none = [None] * len(capped)
@@ -501,26 +533,40 @@ class AdamWeyl(Optimizer):
         for units in buckets.values():
             capped = [[is_capped(part.shape, group["cap_vectors"]) for part in u.parts] for u in units]
             states, w_vecs, u_vecs, products, cold = [], [], [], [], False
+            capturable = group["capturable"]
             for unit, c in zip(units, capped):
-                state, wv, uv, wp, unit_cold = self._state_for(unit, c, keep_product=plan.sigma is None)
+                state, wv, uv, wp, unit_cold = self._state_for(unit, c, plan.sigma is None and not capturable, capturable)
                 states.append(state), w_vecs.extend(wv), u_vecs.extend(uv), products.extend(wp)
                 cold |= unit_cold
-            fresh = is_fresh([s["step"] for s, c in zip(states, capped) if any(c)])
+            if capturable or torch.compiler.is_compiling():  # no host read: the step() calls of this object
+                fresh = self._calls.get(group[GROUP_INDEX], 0) < FRESH_STEPS
+            else:
+                fresh = is_fresh([s["step"] for s, c in zip(states, capped) if any(c)])
             iters = power_iters_for(group["power_iters"], group["cold_start_iters"], cold=cold, fresh=fresh)
+            if capturable:  # W's and U's always in the same products: a fresh step builds no other buffers
+                iters = PowerIters(max(iters), max(iters))
             lists = ([u.param for u in units], [u.grad for u in units], [plan.local(s["exp_avg"]) for s in states],
                      [plan.local(s["exp_avg_sq"]) for s in states])
             parts = [u.parts for u in units]
             lr = _host_or_device_lr(group["lr"])
-            impl = choose_impl(*lists, parts, [c for cs in capped for c in cs], lr=lr, power_iters=iters,
-                               sigma=plan.sigma, sigma_mode=group["sigma_mode"])
+            flags = tuple(c for cs in capped for c in cs)
+            if capturable:
+                _check_capturable(plan)
+                impl = "eager"
+            else:
+                impl = choose_impl(*lists, parts, flags, lr=lr, power_iters=iters, sigma=plan.sigma,
+                                   sigma_mode=group["sigma_mode"])
             ratio, sw, su = adamweyl(
                 *lists, [s["step"] for s in states], parts, w_vecs, u_vecs, products,
                 lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 tau=group["tau"], power_iters=iters, impl=impl, sigma=plan.sigma, sigma_mode=group["sigma_mode"],
-                work=self._work,
+                work=self._work, no_host_reads=capturable,
             )
-            out.append((units, CapStats([part.param for u in units for part in u.parts], ratio, sw, su,
-                                        torch.tensor([c for cs in capped for c in cs], device=ratio.device), plan.engine)))
+            capped_t = self._work.constant(("capped", flags, ratio.device),
+                                           lambda: torch.tensor(flags, dtype=torch.bool, device=ratio.device))
+            out.append((units, CapStats([part.param for u in units for part in u.parts], ratio, sw, su, capped_t,
+                                        plan.engine)))
+        self._calls[group[GROUP_INDEX]] = self._calls.get(group[GROUP_INDEX], 0) + 1
         return out
 
     def step_plan(self, group: dict[str, Any], plan: StepPlan) -> CapStats | None:
@@ -563,9 +609,15 @@ class AdamWeyl(Optimizer):
             plan = adapter.describe(self, group) if adapter is not None else self._describe(group)
             if plan is not None:
                 self.step_plan(group, plan)
-        parts = [s for _, kept in sorted(self._group_stats.items()) for _, s in sorted(kept.items())]
-        self.last_stats = CapStats.cat(parts) if parts else None
         return loss
+
+    @property
+    def last_stats(self) -> CapStats | None:
+        """What the cap did in the last ``step()`` of each group (:class:`CapStats`, device tensors, no sync), in group
+        order; None before the first step."""
+        kept = [self._group_stats[i] for i in sorted(self._group_stats)]
+        parts = [stats[k] for stats in kept for k in sorted(stats)]
+        return CapStats.cat(parts) if parts else None
 
 
 def unwrap_adamweyl(optimizer: Any) -> AdamWeyl | None:

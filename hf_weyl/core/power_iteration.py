@@ -76,15 +76,23 @@ def vector_length(shape: torch.Size | tuple[int, ...]) -> int:
     return max(1, min(matrix_dims(shape)))
 
 
+_INITIAL: dict[int, Tensor] = {}  # length → its start vector (CPU), made once per process
+
+
 def initial_vector(length: int, device: torch.device | str | None = None) -> Tensor:
     """A deterministic unit start vector (fp32): identical on every rank and every run.
 
     Drawn from a generator seeded by the length, so it neither consumes nor depends on the global
-    RNG (a cold start must not change the user's random stream).
+    RNG (a cold start must not change the user's random stream). Made once per length and process and
+    copied from there: ``AdamWeyl`` makes those of its parameters when it is built, so a step that
+    creates its state under ``torch.compile`` only copies a known tensor.
     """
-    gen = torch.Generator(device="cpu").manual_seed(0x5EED + length)
-    x = torch.randn(length, generator=gen, dtype=torch.float32)
-    return (x / x.norm()).to(device)
+    x = _INITIAL.get(length)
+    if x is None:
+        gen = torch.Generator(device="cpu").manual_seed(0x5EED + length)
+        x = torch.randn(length, generator=gen, dtype=torch.float32)
+        x = _INITIAL[length] = x / x.norm()
+    return x.to(device, copy=True)
 
 
 def _short_side(a: Tensor) -> Tensor:
@@ -180,7 +188,7 @@ def power_iteration_(matrices: list[Tensor], vectors: list[Tensor], iters: int, 
         return torch.empty(0)
     dtype = torch.float64 if any(m.dtype == torch.float64 for m in matrices) else torch.float32  # at least fp32
     device = matrices[0].device
-    if stacks is not None and dtype == torch.float32 and device.type in STACK_DEVICES:
+    if stacks is not None and dtype == torch.float32 and device.type in STACK_DEVICES and not torch.compiler.is_compiling():
         return stacks.plan([tuple(m.shape) for m in matrices], device).sigmas_(matrices, vectors, iters)
     bs = [_short_side(m.to(dtype)) for m in matrices]  # (fp32 copies of bf16/fp16 matrices, once)
     short = Segments([b.shape[1] for b in bs], device)

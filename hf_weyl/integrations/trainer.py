@@ -43,8 +43,6 @@ OPTIM_NAME = "adamw_weyl"
 
 logger = logging.getLogger(__name__)
 
-#: The transformers version these internals were checked against (tests run on it).
-
 
 def _parse_bool(value: str) -> bool:
     lowered = value.strip().lower()
