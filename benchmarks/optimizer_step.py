@@ -13,6 +13,10 @@ medians is the figure. Peak memory is measured in a fresh subprocess per optimiz
 growth over the state-free baseline; CUDA: ``max_memory_allocated``). ``--count_ops`` counts the aten
 ops one step dispatches (on the meta device for the eager step, which is the accelerator path).
 
+On an accelerator AdamWeyl runs three ways: ``adamweyl`` (eager), ``adamweyl_compiled``
+(``torch.compile(step, fullgraph=True)``) and ``adamweyl_graph`` (``capturable=True``, lr as a device tensor,
+the step captured once in a CUDA graph and replayed). ``--variants`` adds the first two on the CPU too.
+
     python benchmarks/optimizer_step.py                                   # CPU, all regimes, fp32 and bf16
     python benchmarks/optimizer_step.py --regimes gpt2_small --dtypes fp32 --memory
     python benchmarks/optimizer_step.py --device cuda --dtypes bf16 fp32  # on a GPU machine
@@ -41,6 +45,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REGIMES = {"gpt2_small": (768, 12), "width256": (256, 12), "width64": (64, 12), "gpt_1p3b": (2048, 24)}
 DEFAULT_REGIMES = ["gpt2_small", "width256", "width64"]
 OPTIMIZERS = ("adamw_fused", "adamw_foreach", "adamweyl", "adamweyl_eager")
+VARIANTS = ("adamweyl_compiled", "adamweyl_graph")
 
 
 def gpt2_shapes(d: int, layers: int = 12, vocab: int = 50257, ctx: int = 1024) -> list[tuple[int, ...]]:
@@ -65,7 +70,40 @@ def build(name: str, params: list[torch.Tensor], power_iters: int = 1) -> torch.
         return torch.optim.AdamW(params, fused=True, **common)
     if name == "adamw_foreach":
         return torch.optim.AdamW(params, foreach=True, **common)
-    return AdamWeyl(params, tau=0.01, power_iters=power_iters, **common)
+    if name == "adamweyl_graph":
+        opt = AdamWeyl(params, tau=0.01, power_iters=power_iters, capturable=True, **common)
+        opt.param_groups[0]["lr"] = torch.tensor(common["lr"], device=params[0].device)
+        return _Graphed(opt)
+    opt = AdamWeyl(params, tau=0.01, power_iters=power_iters, **common)
+    return _Compiled(opt) if name == "adamweyl_compiled" else opt
+
+
+class _Compiled:
+    """``torch.compile(opt.step, fullgraph=True)`` (compiled on its first call, which the warm-up steps absorb)."""
+
+    def __init__(self, opt: AdamWeyl) -> None:
+        self.opt, self.step = opt, torch.compile(opt.step, fullgraph=True)
+
+
+class _Graphed:
+    """A capturable AdamWeyl whose step is captured in a CUDA graph after ``FRESH_STEPS`` eager steps, then replayed."""
+
+    def __init__(self, opt: AdamWeyl) -> None:
+        self.opt, self.calls, self.graph = opt, 0, None
+
+    def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        self.calls += 1
+        if self.calls <= functional.FRESH_STEPS:
+            self.opt.step()
+            return
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.opt.step()
+        self.graph.replay()
 
 
 class _Eager:
@@ -163,6 +201,7 @@ def main() -> None:
                         help="untimed steps first (default: past AdamWeyl's cold start and fresh steps)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (a subprocess per optimizer)")
     parser.add_argument("--count_ops", action="store_true", help="count dispatched aten ops per step instead of timing")
+    parser.add_argument("--variants", action="store_true", help="CPU: also time the compiled step")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -182,20 +221,24 @@ def main() -> None:
             print(f"| {name} ({device}) | {sum(ops.values())} | {top} |")
         return
 
-    names = OPTIMIZERS if args.device == "cpu" else ("adamw_fused", "adamw_foreach", "adamweyl")
-    print("\n| regime | dtype | params | AdamW fused | AdamW foreach | AdamWeyl | AdamWeyl / fused | AdamWeyl / foreach |"
-          + (" AdamWeyl eager / fused |" if "adamweyl_eager" in names else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if "adamweyl_eager" in names else ""))
+    if args.device == "cpu":
+        names = OPTIMIZERS + (("adamweyl_compiled",) if args.variants else ())
+    else:
+        names = ("adamw_fused", "adamw_foreach", "adamweyl", "adamweyl_compiled") + (
+            ("adamweyl_graph",) if args.device.startswith("cuda") else ())
+    weyl = [n for n in names if n.startswith("adamweyl")]
+    print("\n| regime | dtype | params | AdamW fused | AdamW foreach | " + " | ".join(weyl) + " | "
+          + " | ".join(f"{n} / fused" for n in weyl) + " |")
+    print("|---" * (5 + 2 * len(weyl)) + "|")
     for regime in args.regimes:
         shapes = gpt2_shapes(*REGIMES[regime])
         n = sum(torch.Size(s).numel() for s in shapes)
         for dtype in args.dtypes:
             med = time_steps(shapes, args.device, DTYPES[dtype], args.steps, args.warmup, names)
-            f, fe, w = med["adamw_fused"], med["adamw_foreach"], med["adamweyl"]
-            row = (f"| {regime} | {dtype} | {n / 1e6:.1f}M | {f * 1e3:.1f} ms | {fe * 1e3:.1f} ms | {w * 1e3:.1f} ms "
-                   f"| **{w / f:.2f}** | {w / fe:.2f} |")
-            if "adamweyl_eager" in med:
-                row += f" {med['adamweyl_eager'] / f:.2f} |"
+            f, fe = med["adamw_fused"], med["adamw_foreach"]
+            row = (f"| {regime} | {dtype} | {n / 1e6:.1f}M | {f * 1e3:.1f} ms | {fe * 1e3:.1f} ms | "
+                   + " | ".join(f"{med[w] * 1e3:.1f} ms" for w in weyl) + " | "
+                   + " | ".join(f"**{med[w] / f:.2f}**" for w in weyl) + " |")
             print(row, flush=True)
             if args.memory:
                 mem = {name: peak_memory(name, regime, args.device, dtype) for name in ("adamw_fused", "adamweyl")}

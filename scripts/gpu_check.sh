@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One command that checks hf_weyl on a GPU (about 5-8 minutes on one GPU) and writes one markdown report:
 #   1. the device-parametrised tests (tests/test_device.py: AdamWeyl = AdamW(fused=True) when the cap cannot bind,
-#      fp32/bf16; cap tightness; state_dict round trip; capturable in a CUDA graph) on CUDA and CPU;
-#   2. benchmarks/optimizer_step.py on the GPU: AdamWeyl vs AdamW fused and foreach, GPT-2 small and a 1.3B-shaped
-#      parameter set, fp32 and bf16, ms and ratios;
+#      fp32/bf16; cap tightness; state_dict round trip; capturable in a CUDA graph) on CUDA and CPU, and the
+#      accelerator step's tests (tests/test_accelerator_step.py: ops per step, batched products, capturable,
+#      torch.compile without graph breaks);
+#   2. benchmarks/optimizer_step.py on the GPU: AdamWeyl (eager, compiled, captured in a CUDA graph) vs AdamW fused
+#      and foreach, GPT-2 small and a 1.3B-shaped parameter set, fp32 and bf16, ms and ratios; ops per step;
 #   3. short training runs (scripts/gpu_check.py): the Trainer with optim="adamw_weyl", DeepSpeed ZeRO-2 on one GPU
 #      (NCCL, world size 1) and FSDP2 on one rank, cap binding;
 #   4. the demo (scripts/demo.sh) at GPU speed.
@@ -51,15 +53,15 @@ skip() {  # name, why
 port() { echo $((29500 + RANDOM % 400)); }
 
 stage device_tests 600 "$PY" -m pytest tests/test_device.py -q -rs -p no:cacheprovider
+stage accelerator_step 600 "$PY" -m pytest tests/test_accelerator_step.py -q -rs -p no:cacheprovider
+stage optimizer_ops 300 "$PY" benchmarks/optimizer_step.py --count_ops --regimes gpt2_small
 if [ -n "$GPU" ]; then
     stage optimizer_step 600 "$PY" benchmarks/optimizer_step.py --device cuda --regimes gpt2_small gpt_1p3b \
         --dtypes fp32 bf16 --steps 10
-    stage optimizer_ops 300 "$PY" benchmarks/optimizer_step.py --count_ops --regimes gpt2_small
 else
     stage optimizer_step 600 "$PY" benchmarks/optimizer_step.py --device cpu --regimes width64 --dtypes fp32 --steps 3
-    skip "optimizer_step (GPU)" "no GPU: GPT-2 small and the 1.3B shape on CUDA not measured"
+    skip "optimizer_step (GPU)" "no GPU: GPT-2 small and the 1.3B shape on CUDA (eager, compiled, CUDA graph) not measured"
 fi
-skip "compiled / capturable step" "torch.compile(fullgraph=True) and capturable=True are not implemented yet (issue 20)"
 stage trainer 300 "$PY" scripts/gpu_check.py trainer
 stage zero2 300 "$PY" -m torch.distributed.run --nproc_per_node 1 --master_port "$(port)" scripts/gpu_check.py zero2
 stage fsdp2 300 "$PY" -m torch.distributed.run --nproc_per_node 1 --master_port "$(port)" scripts/gpu_check.py fsdp2

@@ -168,27 +168,34 @@ def test_capturable_serves_layouts_the_fused_kernel_cannot(monkeypatch):
         AdamWeyl([w0.clone().requires_grad_()], capturable="yes")
 
 
-def test_compiled_step_has_no_graph_break_and_equals_the_eager_step(monkeypatch):
-    """``torch.compile(optimizer.step, fullgraph=True)`` with inductor on the CPU, from the first step (state made
-    inside the graph): no graph break, and the weights equal the eager step's (the step under compile takes the
-    foreach form with device bias corrections and per-matrix products) within float rounding, cap binding."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    base, batches = make_tiny_gpt2(n_layer=1, n_embd=16), token_batches(4)
-    runs = []
-    for compiled in (False, True):
-        model = copy.deepcopy(base)
-        opt = AdamWeyl(model.parameters(), lr=3e-2, tau=0.01, weight_decay=0.1, cold_start_iters=1)
-        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-        for batch in batches:
-            opt.zero_grad()
-            model(input_ids=batch, labels=batch).loss.backward()
-            step()
-        runs.append((model, opt))
-    (m0, o0), (m1, o1) = runs
-    assert (o1.last_stats.lr_ratio < 1).any()
+def _compare(m1, o1, m0, o0):
+    assert (o1.last_stats.lr_ratio < 1).any(), "the cap never bound"
     torch.testing.assert_close(o1.last_stats.lr_ratio, o0.last_stats.lr_ratio, rtol=1e-5, atol=1e-6)
     for a, b in zip(m1.parameters(), m0.parameters()):  # per tensor, relative to its norm (vectors: see above)
         bound = 1e-5 if a.ndim >= 2 else 5e-4
         assert float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-12)) <= bound, tuple(a.shape)
+
+
+@pytest.mark.parametrize("eager_first", [0, functional.FRESH_STEPS], ids=["from-step-1", "after-fresh-steps"])
+def test_compiled_step_has_no_graph_break_and_equals_the_eager_step(eager_first):
+    """``torch.compile(optimizer.step, fullgraph=True)`` with inductor on the CPU: no graph break (fullgraph raises on
+    one), and the weights and lr ratios equal the eager step's within float rounding (the compiled step takes the
+    foreach form with device bias corrections), cap binding — compiled from the first step (state made inside the
+    graph; one iteration per σ, since a compiled step has no step count for the fresh-step rule) and after
+    ``FRESH_STEPS`` eager steps with the default iterations."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    base, batches = make_tiny_gpt2(n_layer=1, n_embd=16), token_batches(eager_first + 3)
+    options = dict(lr=3e-2, tau=0.01, weight_decay=0.1, **({} if eager_first else {"cold_start_iters": 1}))
+    runs = []
+    for compiled in (False, True):
+        model = copy.deepcopy(base)
+        opt = AdamWeyl(model.parameters(), **options)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for i, batch in enumerate(batches):
+            opt.zero_grad()
+            model(input_ids=batch, labels=batch).loss.backward()
+            (step if i >= eager_first else opt.step)()
+        runs.append((model, opt))
+    _compare(*runs[1], *runs[0])

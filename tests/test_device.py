@@ -84,19 +84,30 @@ def test_state_dict_round_trip_continues_bit_for_bit(device):
 
 
 def test_capturable_step_in_a_cuda_graph(device):
-    """Issue 20: ``capturable=True`` (step counters and lr as device tensors, no host read in ``step()``) so that
-    the step can be captured in a CUDA graph. Not built yet: this test says so on every device."""
-    if "capturable" not in AdamWeyl.__init__.__code__.co_varnames:
-        pytest.skip("AdamWeyl(capturable=True) is not implemented yet (issue 20)")
+    """``capturable=True`` (step counters and lr as device tensors, no host read in ``step()``): the step captured in a
+    CUDA graph and replayed equals the same capturable optimizer stepped eagerly (same gradients each step)."""
     if device.type != "cuda":
         pytest.skip("CUDA graphs need a GPU")
-    model = make_tiny_gpt2().to(device)
-    opt = AdamWeyl(model.parameters(), lr=torch.tensor(1e-3, device=device), tau=0.01, capturable=True)
     batch = token_batches(1)[0].to(device)
-    _loss(model, batch).backward()
-    opt.step()  # state created outside the graph
+    models = [make_tiny_gpt2().to(device) for _ in range(2)]  # (same seed: the same weights)
+    opts = []
+    for model in models:
+        opt = AdamWeyl(model.parameters(), lr=3e-2, tau=0.01, capturable=True)
+        opt.param_groups[0]["lr"] = torch.tensor(3e-2, device=device)
+        _loss(model, batch).backward()  # the gradients every step reuses
+        opt.step()  # state and buffers made outside the graph
+        opts.append(opt)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
-    graph.replay()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph):
+            opts[1].step()  # (capturing does not run it)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        graph.replay()
+        opts[0].step()
     torch.cuda.synchronize()
+    assert (opts[0].last_stats.lr_ratio < 1).any()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

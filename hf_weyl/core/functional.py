@@ -293,7 +293,10 @@ class WorkBuffer:
         return buf
 
     def constant(self, key: tuple, make) -> Tensor:
-        """A small tensor kept under ``key`` (made by ``make()`` the first time)."""
+        """A small tensor kept under ``key`` (made by ``make()`` the first time; under ``torch.compile`` made in the
+        graph, where it is a constant, instead of read from a cache the graph would have to guard on)."""
+        if torch.compiler.is_compiling():
+            return make()
         value = self._constants.get(key)
         if value is None:
             if len(self._constants) >= 64:
@@ -366,8 +369,8 @@ def choose_impl(
 
     * ``"fused_cpu"``: whole matrices on one device (no ``sigma``), CPU, contiguous fp32/bf16 — ``csrc/weyl_cpu.cpp``,
       three passes per matrix, b_W kept between steps;
-    * ``"fused_pieces"``: flat fp32 CPU partitions of row pieces (ZeRO, ZeRO-Offload), one power iteration (warm
-      steps), ``vector_reduce`` — the same kernel's piece passes with two vector all-reduces;
+    * ``"fused_pieces"``: flat fp32 CPU partitions of row pieces (ZeRO, ZeRO-Offload), each with a capped piece, one
+      power iteration (warm steps), ``vector_reduce`` — the same kernel's piece passes with two vector all-reduces;
     * ``"eager"``: everything else (any device, layout, dtype; a device-tensor lr), and everywhere with
       ``HF_WEYL_CPU_KERNEL=0``, under ``torch.compile``, or when the kernel is not built.
     """
@@ -377,7 +380,8 @@ def choose_impl(
         if fused_cpu_applies(params, grads, exp_avgs, exp_avg_sqs) and cpu_kernel() is not None:
             return "fused_cpu"
         return "eager"
-    if (any(capped) and power_iters == (1, 1) and sigma_mode == "vector_reduce"
+    every_unit_capped = all(any(_of_unit(list(capped), parts, u)) for u in range(len(parts)))
+    if (every_unit_capped and power_iters == (1, 1) and sigma_mode == "vector_reduce"
             and _fused_pieces_applies(params, grads, parts) and cpu_kernel() is not None):
         return "fused_pieces"
     return "eager"
@@ -548,7 +552,7 @@ def _eager_step(
 
 def _constant(work: WorkBuffer | None, kind: str, values: tuple, device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
     """A small constant tensor (indices, masks) on ``device``, made once per value and kept in ``work``."""
-    if work is None:
+    if work is None or torch.compiler.is_compiling():
         return torch.tensor(values, dtype=dtype, device=device)
     return work.constant((kind, values, device, dtype), lambda: torch.tensor(values, dtype=dtype, device=device))
 

@@ -320,6 +320,11 @@ class AdamWeyl(Optimizer):
             calls of this optimizer object (a resumed one repeats them: more iterations, never fewer), σ1(W)'s
             too. Capture after a first eager step, which creates the state and the buffers the step reuses.
 
+    ``torch.compile(optimizer.step, fullgraph=True)`` compiles with no graph break: one graph for the first step
+    (which creates the state) and one for the others. A compiled step has no step count to branch on, so it gives
+    σ1(U) ``cold_start_iters`` iterations on a tensor's first step only, not during its first ``FRESH_STEPS``
+    (a looser cap in steps 2–10); compile after ``FRESH_STEPS`` eager steps to keep them, as the eager step does.
+
     After each ``step()``, ``last_stats`` holds a :class:`CapStats` (device tensors, no sync).
 
     Non-finite gradients propagate as in AdamW (the weights become non-finite; use a GradScaler,
@@ -538,7 +543,9 @@ class AdamWeyl(Optimizer):
                 state, wv, uv, wp, unit_cold = self._state_for(unit, c, plan.sigma is None and not capturable, capturable)
                 states.append(state), w_vecs.extend(wv), u_vecs.extend(uv), products.extend(wp)
                 cold |= unit_cold
-            if capturable or torch.compiler.is_compiling():  # no host read: the step() calls of this object
+            if torch.compiler.is_compiling():  # nothing to branch on that the graph need not guard on
+                fresh = False
+            elif capturable:  # no host read: the step() calls of this object
                 fresh = self._calls.get(group[GROUP_INDEX], 0) < FRESH_STEPS
             else:
                 fresh = is_fresh([s["step"] for s, c in zip(states, capped) if any(c)])
@@ -566,7 +573,8 @@ class AdamWeyl(Optimizer):
                                            lambda: torch.tensor(flags, dtype=torch.bool, device=ratio.device))
             out.append((units, CapStats([part.param for u in units for part in u.parts], ratio, sw, su, capped_t,
                                         plan.engine)))
-        self._calls[group[GROUP_INDEX]] = self._calls.get(group[GROUP_INDEX], 0) + 1
+        if not torch.compiler.is_compiling():
+            self._calls[group[GROUP_INDEX]] = self._calls.get(group[GROUP_INDEX], 0) + 1
         return out
 
     def step_plan(self, group: dict[str, Any], plan: StepPlan) -> CapStats | None:

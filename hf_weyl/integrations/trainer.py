@@ -77,6 +77,7 @@ OPTIM_ARGS: dict[str, Callable[[str], Any]] = {
     "cap_vectors": _parse_bool,
     "cold_start_iters": _parse_int,
     "sigma_mode": str.strip,  # DeepSpeed ZeRO: "vector_reduce" or "gather" (checked by AdamWeyl)
+    "capturable": _parse_bool,  # counters on the device, no host read in step() (CUDA graphs)
     "log_cap": _parse_bool,  # the cap's statistics in the Trainer's logs (default true)
 }
 
