@@ -126,7 +126,7 @@ def test_capturable_step_reads_no_device_value():
 def test_capturable_equals_the_eager_step_on_cpu(monkeypatch):
     """Same arithmetic as the eager step (fused direction, per-matrix σ's): bit for bit over 13 steps with the cap
     binding (one iteration for every σ: capturable gives σ1(W) the fresh steps' iterations too); counters as device
-    (here CPU) tensors; a state_dict round trip keeps the option."""
+    (here CPU) tensors."""
     monkeypatch.setattr(functional, "cpu_kernel", lambda: None)
     base, batches = make_tiny_gpt2(), token_batches(13)
     runs = []
@@ -143,9 +143,8 @@ def test_capturable_equals_the_eager_step_on_cpu(monkeypatch):
     assert (o1.last_stats.lr_ratio < 1).any()
     for a, b in zip(m1.parameters(), m0.parameters()):
         assert torch.equal(a, b)
-    again = AdamWeyl(m1.parameters(), lr=3e-2, tau=0.01, weight_decay=0.1, capturable=True)
-    again.load_state_dict(o1.state_dict())
-    assert again.param_groups[0]["capturable"] is True
+    assert "capturable" not in o1.state_dict()["param_groups"][0]  # (optimizer-wide: DCP loads older checkpoints)
+    assert all(s["step"].device.type == "cpu" for s in o1.state.values())
 
 
 def test_capturable_serves_layouts_the_fused_kernel_cannot(monkeypatch):

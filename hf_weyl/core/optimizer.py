@@ -71,8 +71,7 @@ PACKED_VECTORS = "zero_weyl"
 GROUP_INDEX = "weyl_group_index"
 
 #: The per-group options of ``AdamWeyl`` (every one may be overridden per param group).
-OPTIONS = ("lr", "betas", "eps", "weight_decay", "tau", "power_iters", "cap_vectors", "cold_start_iters", "sigma_mode",
-           "capturable")
+OPTIONS = ("lr", "betas", "eps", "weight_decay", "tau", "power_iters", "cap_vectors", "cold_start_iters", "sigma_mode")
 
 
 @dataclass
@@ -252,7 +251,6 @@ def _validate_group(g: dict[str, Any]) -> None:
         )
     _check("cap_vectors", g["cap_vectors"], isinstance(g["cap_vectors"], bool), "True or False")
     _check("sigma_mode", g["sigma_mode"], g["sigma_mode"] in SIGMA_MODES, f"one of {SIGMA_MODES} (used when matrices are sharded)")
-    _check("capturable", g["capturable"], isinstance(g["capturable"], bool), "True or False")
     for p in g["params"]:
         if torch.is_complex(p):
             raise ValueError(
@@ -357,9 +355,12 @@ class AdamWeyl(Optimizer):
             cap_vectors=cap_vectors,
             cold_start_iters=cold_start_iters,
             sigma_mode=sigma_mode,
-            capturable=capturable,
         )
         _validate_group({**defaults, "params": []})
+        _check("capturable", capturable, isinstance(capturable, bool), "True or False")
+        #: (an optimizer-wide option, not a param-group key: checkpoints saved without it keep loading through DCP,
+        #: which asks the checkpoint for every key of the optimizer's groups)
+        self.capturable = capturable
         self._group_params: list[list[Tensor]] = []  # each group's parameters as built (engines may swap them)
         self._built_ids: set[int] = set()
         self._adapters: dict[str, EngineAdapter] = {}
@@ -421,6 +422,7 @@ class AdamWeyl(Optimizer):
         self.__dict__.setdefault("_work", WorkBuffer())
         self.__dict__.setdefault("_counters", WeakIdKeyDictionary())
         self.__dict__.setdefault("_calls", {})
+        self.__dict__.setdefault("capturable", False)
         self.__dict__.pop("last_stats", None)  # (a property now; older pickles carried it as an attribute)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -538,7 +540,7 @@ class AdamWeyl(Optimizer):
         for units in buckets.values():
             capped = [[is_capped(part.shape, group["cap_vectors"]) for part in u.parts] for u in units]
             states, w_vecs, u_vecs, products, cold = [], [], [], [], False
-            capturable = group["capturable"]
+            capturable = self.capturable
             for unit, c in zip(units, capped):
                 state, wv, uv, wp, unit_cold = self._state_for(unit, c, plan.sigma is None and not capturable, capturable)
                 states.append(state), w_vecs.extend(wv), u_vecs.extend(uv), products.extend(wp)
