@@ -48,6 +48,7 @@ __all__ = [
     "apply_capped_update_",
     "cap_ratio",
     "choose_impl",
+    "constant_tensor",
     "dense_layout",
     "fused_cpu_applies",
     "fused_direction",
@@ -491,12 +492,12 @@ def _eager_step(
     ``torch.compile`` take the foreach ops with bias corrections on the counters' device
     (:func:`adam_direction_on_device`) where the fused kernel does not serve (under compile: always)."""
     device = params[0].device
-    if torch.compiler.is_compiling() or (
-        no_host_reads and not (work is not None and fused_direction_applies(params, grads, exp_avgs, exp_avg_sqs))
-    ):
+    compiling = torch.compiler.is_compiling()
+    fused = not compiling and work is not None and fused_direction_applies(params, grads, exp_avgs, exp_avg_sqs)
+    if compiling or (no_host_reads and not fused):
         directions = adam_direction_on_device(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps)
         scales = [1.0] * len(params)
-    elif work is not None and fused_direction_applies(params, grads, exp_avgs, exp_avg_sqs):
+    elif fused:
         directions = fused_direction(work, grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps)
         scales = [1.0] * len(params)
     else:
@@ -506,7 +507,7 @@ def _eager_step(
     flat = [(u, part) for u, unit_parts in enumerate(parts) for part in unit_parts]
     n = len(flat)
     idx = [i for i, v in enumerate(weight_vectors) if v is not None]
-    capped = _constant(work, "capped", tuple(v is not None for v in weight_vectors), device, torch.bool)
+    capped = constant_tensor(work, "capped", tuple(v is not None for v in weight_vectors), device, torch.bool)
     sigmas = torch.zeros(2 * n, dtype=torch.float32, device=device)  # σ_W, then σ_U
     whole = [i for i in idx if flat[i][1].layout is None]
     sharded = [i for i in idx if flat[i][1].layout is not None]
@@ -530,7 +531,7 @@ def _eager_step(
             sw, su = sigma.sigmas([flat[i][1].layout for i in chosen], weights, updates, w_vecs, u_vecs, power_iters,
                                   sigma_mode)
             both = torch.cat([sw.to(device), su.to(device)])
-        sigmas.index_copy_(0, _constant(work, "index", tuple(chosen) + tuple(n + i for i in chosen), device), both)
+        sigmas.index_copy_(0, constant_tensor(work, "index", tuple(chosen) + tuple(n + i for i in chosen), device), both)
     sigma_w, sigma_u = sigmas[:n], sigmas[n:]
     if any(s != 1.0 for s in scales):  # σ1(sD) = s σ1(D)
         sigma_u = sigma_u * torch.tensor([scales[u] for u, _ in flat], device=device)
@@ -550,7 +551,8 @@ def _eager_step(
     return ratio, sigma_w, sigma_u
 
 
-def _constant(work: WorkBuffer | None, kind: str, values: tuple, device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
+def constant_tensor(work: WorkBuffer | None, kind: str, values: tuple, device: torch.device,
+                    dtype: torch.dtype = torch.int64) -> Tensor:
     """A small constant tensor (indices, masks) on ``device``, made once per value and kept in ``work``."""
     if work is None or torch.compiler.is_compiling():
         return torch.tensor(values, dtype=dtype, device=device)

@@ -23,7 +23,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .functional import FRESH_STEPS, WorkBuffer, adamweyl, choose_impl, is_capped, is_fresh, power_iters_for
+from .functional import (
+    FRESH_STEPS, WorkBuffer, adamweyl, choose_impl, constant_tensor, is_capped, is_fresh, power_iters_for,
+)
 from .layout import SIGMA_MODES, Part, StepPlan, Unit
 from .power_iteration import PowerIters, initial_vector, vector_length
 
@@ -527,6 +529,9 @@ class AdamWeyl(Optimizer):
         """AdamW² on the units of ``plan`` (:func:`~hf_weyl.core.functional.adamweyl`), bucketed by device and dtype;
         each bucket's units and statistics."""
         beta1, beta2 = group["betas"]
+        capturable = self.capturable
+        if capturable:
+            _check_capturable(plan)
         buckets: dict[tuple[torch.device, torch.dtype], list[Unit]] = {}
         for unit in plan.units:
             if unit.grad.is_sparse:
@@ -540,7 +545,6 @@ class AdamWeyl(Optimizer):
         for units in buckets.values():
             capped = [[is_capped(part.shape, group["cap_vectors"]) for part in u.parts] for u in units]
             states, w_vecs, u_vecs, products, cold = [], [], [], [], False
-            capturable = self.capturable
             for unit, c in zip(units, capped):
                 state, wv, uv, wp, unit_cold = self._state_for(unit, c, plan.sigma is None and not capturable, capturable)
                 states.append(state), w_vecs.extend(wv), u_vecs.extend(uv), products.extend(wp)
@@ -560,7 +564,6 @@ class AdamWeyl(Optimizer):
             lr = _host_or_device_lr(group["lr"])
             flags = tuple(c for cs in capped for c in cs)
             if capturable:
-                _check_capturable(plan)
                 impl = "eager"
             else:
                 impl = choose_impl(*lists, parts, flags, lr=lr, power_iters=iters, sigma=plan.sigma,
@@ -571,8 +574,7 @@ class AdamWeyl(Optimizer):
                 tau=group["tau"], power_iters=iters, impl=impl, sigma=plan.sigma, sigma_mode=group["sigma_mode"],
                 work=self._work, no_host_reads=capturable,
             )
-            capped_t = self._work.constant(("capped", flags, ratio.device),
-                                           lambda: torch.tensor(flags, dtype=torch.bool, device=ratio.device))
+            capped_t = constant_tensor(self._work, "capped", flags, ratio.device, torch.bool)
             out.append((units, CapStats([part.param for u in units for part in u.parts], ratio, sw, su, capped_t,
                                         plan.engine)))
         if not torch.compiler.is_compiling():
