@@ -294,10 +294,7 @@ class WorkBuffer:
         return buf
 
     def constant(self, key: tuple, make) -> Tensor:
-        """A small tensor kept under ``key`` (made by ``make()`` the first time; under ``torch.compile`` made in the
-        graph, where it is a constant, instead of read from a cache the graph would have to guard on)."""
-        if torch.compiler.is_compiling():
-            return make()
+        """A small tensor kept under ``key`` (made by ``make()`` the first time); see :func:`constant_tensor`."""
         value = self._constants.get(key)
         if value is None:
             if len(self._constants) >= 64:
@@ -553,7 +550,9 @@ def _eager_step(
 
 def constant_tensor(work: WorkBuffer | None, kind: str, values: tuple, device: torch.device,
                     dtype: torch.dtype = torch.int64) -> Tensor:
-    """A small constant tensor (indices, masks) on ``device``, made once per value and kept in ``work``."""
+    """A small constant tensor (indices, masks) on ``device``, made once per value and kept in ``work`` (under
+    ``torch.compile`` made in the graph, where it is a constant, instead of read from a cache the graph would have
+    to guard on)."""
     if work is None or torch.compiler.is_compiling():
         return torch.tensor(values, dtype=dtype, device=device)
     return work.constant((kind, values, device, dtype), lambda: torch.tensor(values, dtype=dtype, device=device))

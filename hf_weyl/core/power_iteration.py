@@ -257,7 +257,7 @@ class _StackPlan:
                 self.chunks.append((None, long_mat, short_mat, *vs))
             else:
                 vs = [v.narrow(0, a, k) for v, (a, k) in zip(views, spans)]
-                self.chunks.append((idx[0], t, None, *vs))
+                self.chunks.append((idx[0], None, None, *vs))  # (its matrix is taken at each call)
             s0, l0 = s0 + c * s, l0 + c * l
         self.inverse = torch.tensor(sorted(range(len(self.order)), key=self.order.__getitem__), device=device)
 

@@ -46,9 +46,9 @@ from ..core.layout import Part, RowPiece, StepPlan, Unit
 from ..core.optimizer import GROUP_INDEX, AdamWeyl, register_engine_adapter
 from ..distributed.collectives import COMM_STATS, all_reduce_
 from ..distributed.sigma import LAYOUT_SIGMA, SIGMA_MODES, matrix_dims
+from ..distributed.sigma import comm_bytes_per_step as sigma_comm_bytes
 from .internals.accelerate import deepspeed_plugins
 from .internals.deepspeed import DEEPSPEED_PRIVATE, TESTED_DEEPSPEED, deepspeed_version, first_set, optional, private
-from ..distributed.sigma import comm_bytes_per_step as sigma_comm_bytes
 
 __all__ = [
     "COMM_STATS",

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..core.optimizer import AdamWeyl
 from ..core.tau_rule import tau_for_steps
-from .internals.transformers import TESTED_TRANSFORMERS, add_enum_member, attn_implementation, private
+from .internals.transformers import add_enum_member, attn_implementation, private
 
 __all__ = [
     "OPTIM_ARGS",
