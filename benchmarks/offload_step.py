@@ -11,9 +11,11 @@ steps its own partition with
 
 * ``DeepSpeedCPUAdam(adamw_mode=True)`` (built here by DeepSpeed's op builder),
 * ``torch.optim.AdamW(fused=True)`` (the Trainer's default optimizer),
-* ``AdamWeyl`` through its ZeRO path (the non-finite vote, then ``AdamWeyl.step_plan`` on the partition described as
-  the ZeRO adapter does, ``zero_unit``, with the layout of GPT-2 small's matrices: σ's of matrices split between
-  ranks by vector all-reduces),
+* ``AdamWeyl`` through its ZeRO path (``AdamWeyl.step_plan`` on the partition described as the ZeRO adapter does,
+  ``zero_unit``, with the layout of GPT-2 small's matrices: σ's of matrices split between ranks by vector
+  all-reduces) as DeepSpeed's step calls it after its own check of the gradient norm (fp32, fp16, bf16 by default);
+* ``adamweyl_vote``: the same with AdamWeyl's own non-finite vote first (one more read of the gradient and a
+  reduced flag: what runs where DeepSpeed does not check, bf16 with ``check_grad_overflow: false``),
 
 alternated step by step in one run (the machine's noise hits all alike), after ``FRESH_STEPS`` + 1 warm-up steps
 (AdamWeyl's first steps run more power iterations). Prints medians and the ratios to DeepSpeedCPUAdam.
@@ -68,21 +70,22 @@ def main() -> None:
     numel, layout = partition(shapes, rank, world)
     gen = torch.Generator().manual_seed(rank)
     init = torch.randn(numel, generator=gen) * 0.02
-    flats = {name: torch.nn.Parameter(init.clone()) for name in ("deepspeed_cpu_adam", "adamw_fused", "adamweyl")}
+    flats = {name: torch.nn.Parameter(init.clone())
+             for name in ("deepspeed_cpu_adam", "adamw_fused", "adamweyl", "adamweyl_vote")}
     hyper = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     opts = {
         "deepspeed_cpu_adam": DeepSpeedCPUAdam([flats["deepspeed_cpu_adam"]], adamw_mode=True, **hyper),
         "adamw_fused": torch.optim.AdamW([flats["adamw_fused"]], fused=True, **hyper),
         "adamweyl": AdamWeyl([flats["adamweyl"]], tau=0.01, **hyper),
+        "adamweyl_vote": AdamWeyl([flats["adamweyl_vote"]], tau=0.01, **hyper),
     }
-    weyl_group = opts["adamweyl"].param_groups[0]
 
     def step(name: str) -> None:
-        if name == "adamweyl":
+        if name.startswith("adamweyl"):
             flat = flats[name]
-            if not nonfinite_anywhere([flat.grad], layout.group):
+            if name == "adamweyl" or not nonfinite_anywhere([flat.grad], layout.group):
                 plan = StepPlan([zero_unit(flat, layout)], DeepSpeedZeroAdapter.name, LAYOUT_SIGMA)
-                opts[name].step_plan(weyl_group, plan)
+                opts[name].step_plan(opts[name].param_groups[0], plan)
         else:
             opts[name].step()
 
@@ -123,17 +126,20 @@ def time_passes(flat, weyl, layout, fused, steps: int, rank: int) -> None:
     dims = [matrix_dims(layout.shapes[i]) for i in idx]
     pieces = ([layout.offsets[i] for i in idx], [layout.starts[i] for i in idx], [layout.numels[i] for i in idx],
               [m for m, _ in dims], [n for _, n in dims])
-    gaps = uncovered(flat.numel(), list(zip(pieces[0], pieces[2])))
+    found = uncovered(flat.numel(), list(zip(pieces[0], pieces[2])))
+    gaps = ([g[0] for g in found], [g[1] for g in found])
     short, long = sum(min(m, n) for m, n in dims), sum(max(m, n) for m, n in dims)
     work, x, y = weyl._work.get(torch.float32, flat.numel()), torch.randn(short), torch.randn(long)
+    kept = torch.randn(long)
     calls = {
-        "non-finite check (aminmax)": lambda: flat.grad.aminmax(),
-        "pass 1 (moments, U, B x)": lambda: kernel.pieces_pass1(
-            flat, flat.grad, state["exp_avg"], state["exp_avg_sq"], work, *pieces, [g[0] for g in gaps],
-            [g[1] for g in gaps], x, x, 0.5, 0.5, 0.9, 0.95, 1e-8),
-        "pass 2 (Bᵀ y)": lambda: kernel.pieces_pass2(flat, work, *pieces, y, y),
-        "update": lambda: kernel.pieces_update(flat, work, pieces[0] + [g[0] for g in gaps],
-                                               pieces[2] + [g[1] for g in gaps], [1e-8] * (len(idx) + len(gaps)), 0.0),
+        "non-finite check (all_finite)": lambda: kernel.all_finite(flat.grad),
+        "pass 1 (moments, U, B_U x_U; B_W x_W kept)": lambda: kernel.pieces_pass1(
+            flat, flat.grad, state["exp_avg"], state["exp_avg_sq"], work, *pieces, *gaps, x, x, 0.5, 0.5, 0.9, 0.95,
+            1e-8, kept),
+        "pass 2 (Bᵀ y of W and U, B_W x_W to check the kept one)": lambda: kernel.pieces_pass2(
+            flat, work, *pieces, y, y, x, kept),
+        "update (and the next B_W x_W)": lambda: kernel.pieces_update(
+            flat, work, *pieces, [1e-8] * len(idx), *gaps, 1e-8, 0.0, x),
         "AdamW fused, whole step": fused.step,
     }
     times = {name: [] for name in calls}

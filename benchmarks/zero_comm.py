@@ -26,9 +26,10 @@ from hf_weyl.integrations.deepspeed import COMM_STATS, SIGMA_MODES, comm_bytes_p
 from comm_common import batch, capped_shapes, gpt2_small_table, param_groups, small_gpt2
 
 
-def predicted(shapes, world, mode, *, power_iters=1):
-    """The σ traffic of the matrices' param group plus the non-finite flag of each of the two param groups."""
-    per = [comm_bytes_per_step(g, world, mode, power_iters=power_iters) for g in (shapes, [])]
+def predicted(shapes, world, mode, *, power_iters=1, fused=False):
+    """The σ traffic of the matrices' param group plus the non-finite flag of each of the two param groups (ZeRO-2
+    without offload: AdamWeyl checks itself), and with ``fused`` the kept product's check of the fused CPU step."""
+    per = [comm_bytes_per_step(g, world, mode, power_iters=power_iters, fused=fused) for g in (shapes, [])]
     return {k: sum(p[k] for p in per) for k in ("payload", "wire", "collectives")}
 
 
@@ -79,7 +80,8 @@ def measured_vs_predicted(layers, width):
         train_step(engine, FRESH_STEPS)
         measured = torch.tensor([float(COMM_STATS.bytes)])
         dist.all_reduce(measured)
-        rows.append((mode, measured.item() / world, predicted(shapes, world, mode)["payload"], COMM_STATS.calls))
+        rows.append((mode, measured.item() / world, predicted(shapes, world, mode, fused=mode == "vector_reduce")["payload"],
+                     COMM_STATS.calls))  # (CPU fp32 partitions: the fused step)
     if dist.get_rank() == 0:
         n = sum(p.numel() for p in model.parameters())
         print(f"\n## Measured on 2 CPU ranks, GPT-2 n_layer={layers} n_embd={width} vocab=1000 ({n / 1e6:.2f}M params), ZeRO-2")

@@ -30,7 +30,9 @@ ZERO_CHECKS = [f"equal_zero{s}_{m}" for s in (1, 2, 3) for m in SIGMA_MODES] + [
     "resume_zero2",
     "resume_zero3",
     "inf_one_rank_zero2_fp32",
+    "inf_one_rank_zero2_fp32_offload",
     "inf_one_rank_zero2_bf16_unchecked",
+    "inf_one_rank_zero2_bf16_unchecked_offload",
     "inf_one_rank_zero3_fp32",
     "layouts_zero1",
     "layouts_zero2",
@@ -53,6 +55,7 @@ ZERO_CHECKS = [f"equal_zero{s}_{m}" for s in (1, 2, 3) for m in SIGMA_MODES] + [
     "accelerate_offload_after_kept",
     "accelerate_offload_after_refused",
 ]
+PIECES_CHECKS = ["steady", "stale_weights", "stale_vectors", "all_finite"]
 TRAINER_CHECKS = [
     "trainer_zero2_vector_reduce",
     "trainer_zero2_gather",
@@ -93,6 +96,11 @@ def zero_results(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def pieces_results(tmp_path_factory):
+    return _torchrun("pieces_checks.py", tmp_path_factory.mktemp("pieces") / "results.json")
+
+
+@pytest.fixture(scope="module")
 def trainer_results(tmp_path_factory):
     return _torchrun("trainer_route.py", tmp_path_factory.mktemp("trainer") / "results.json")
 
@@ -114,6 +122,13 @@ def test_universal_checkpoint_changes_world_size(stage, tmp_path):
 @pytest.mark.parametrize("check", ZERO_CHECKS)
 def test_zero_two_ranks(zero_results, check):
     assert zero_results.get(check) == "ok", zero_results.get(check, "check did not run")
+
+
+@pytest.mark.parametrize("check", PIECES_CHECKS)
+def test_fused_pieces_two_ranks(pieces_results, check):
+    """The fused step on flat partitions of pieces: the kept B_W x_W, its check, the repeat when one rank's weights or
+    vectors changed (tests/zero_scripts/pieces_checks.py)."""
+    assert pieces_results.get(check) == "ok", pieces_results.get(check, "check did not run")
 
 
 @pytest.mark.parametrize("check", TRAINER_CHECKS)
@@ -228,6 +243,34 @@ def test_engine_settings_that_cannot_be_read_refuse(monkeypatch):
     with pytest.raises(ValueError, match="nvme"):
         ds._check_settings(nvme, stage=3)
     ds._check_settings([SimpleNamespace(_z3_optimizer=SimpleNamespace(swap_optimizer=False))], stage=3)  # CPU offload
+
+
+def test_nonfinite_vote_left_to_deepspeed_only_where_its_step_checks(monkeypatch):
+    """AdamWeyl skips its own read of the gradient for non-finite values only where DeepSpeed's step() already skips
+    such steps (DeepSpeed 0.19: ZeRO-3 always; ZeRO-1/2 when it computes the norm and checks it — any dtype but bf16,
+    or bf16 with check_grad_overflow); everywhere else, and for untested DeepSpeed versions, it checks itself."""
+    from types import SimpleNamespace
+
+    import deepspeed
+
+    from hf_weyl.integrations.internals.deepspeed import skips_nonfinite_steps
+
+    def zero12(**attrs):
+        return [SimpleNamespace(_zero_optimizer=SimpleNamespace(**attrs))]
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.19.1")
+    assert skips_nonfinite_steps(zero12(compute_grad_norm=True, dtype=torch.float32, check_grad_overflow=False), 2)
+    assert skips_nonfinite_steps(zero12(compute_grad_norm=True, dtype=torch.float16, check_grad_overflow=True), 2)
+    assert skips_nonfinite_steps(zero12(compute_grad_norm=True, dtype=torch.bfloat16, check_grad_overflow=True), 2)
+    assert not skips_nonfinite_steps(zero12(compute_grad_norm=True, dtype=torch.bfloat16, check_grad_overflow=False), 2)
+    assert not skips_nonfinite_steps(zero12(compute_grad_norm=False, dtype=torch.float32, check_grad_overflow=False), 2)
+    assert not skips_nonfinite_steps(zero12(dtype=torch.float32), 2)  # an attribute renamed: check ourselves
+    assert not skips_nonfinite_steps([SimpleNamespace()], 2)  # the BF16 optimizer marks no parameter
+    assert skips_nonfinite_steps([SimpleNamespace(_z3_optimizer=object())], 3)
+    assert not skips_nonfinite_steps([SimpleNamespace()], 3)
+    monkeypatch.setattr(deepspeed, "__version__", "0.21.0")
+    assert not skips_nonfinite_steps(zero12(compute_grad_norm=True, dtype=torch.float32, check_grad_overflow=True), 2)
+    assert not skips_nonfinite_steps([SimpleNamespace(_z3_optimizer=object())], 3)
 
 
 def test_sharded_sigma_is_scale_safe_and_matches_power_iteration(tmp_path):

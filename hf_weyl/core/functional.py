@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .cpu_kernel import cpu_kernel, kernel_disabled
 from .layout import Part, RowPiece, ShardedSigma, uncovered
-from .power_iteration import PowerIters, Segments, StackCache, as_matrix, power_iteration_, power_steps_
+from .power_iteration import PowerIters, StackCache, as_matrix, power_iteration_
 
 __all__ = [
     "FRESH_STEPS",
@@ -275,7 +276,9 @@ class WorkBuffer:
     """What a step reuses between steps, so that a warm step allocates and views nothing: a flat buffer per device and
     dtype, grown as needed, for U (the fused CPU step needs the largest capped matrix, :func:`fused_direction` a
     whole bucket of tensors), the views of it :func:`fused_direction` writes U into, and the stacked matrices of the
-    batched power iteration (:class:`~hf_weyl.core.power_iteration.StackCache`)."""
+    batched power iteration (:class:`~hf_weyl.core.power_iteration.StackCache`); and, per flat partition, the partial
+    B_W x_W the fused pieces step's update computed for the next step (:attr:`products`; a cache: used only where the
+    next step finds it is still B_W x_W, bit for bit, so a lost or stale entry changes nothing but speed)."""
 
     #: Sets of U views kept (one per bucket of tensors a step has; more means the buckets change between steps).
     MAX_VIEW_SETS = 8
@@ -285,6 +288,7 @@ class WorkBuffer:
         self._views: dict[tuple, tuple[Tensor, list[Tensor]]] = {}
         self._constants: dict[tuple, Tensor] = {}
         self.stacks = StackCache()
+        self.products: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def get(self, dtype: torch.dtype, numel: int, device: torch.device | str = "cpu") -> Tensor:
         key = (dtype, torch.device(device))
@@ -629,48 +633,76 @@ def _fused_pieces_step(
     power_iters: PowerIters,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A warm step (one power iteration) of a flat fp32 CPU partition of row pieces in three passes of
-    ``csrc/weyl_cpu.cpp`` (``pieces_pass1``: moments, U and the partial B x of W and U; ``pieces_pass2``: the partial
-    Bᵀ y; ``pieces_update``), with one all-reduce of the partial products after each of the first two: what the
-    single-process fused step costs, plus two vector all-reduces. Equal to the eager step to float rounding."""
+    ``csrc/weyl_cpu.cpp``, with one all-reduce of the partial products after each of the first two: what the
+    single-process fused step costs, plus two vector all-reduces. Equal to the eager step to float rounding.
+
+    ``pieces_pass1``: moments, U and the partial B_U x_U, with the partial B_W x_W the previous update kept
+    (:attr:`WorkBuffer.products`; computed here from W where there is none); ``pieces_pass2``: the partial Bᵀ y of W
+    and U, and whether the kept B_W x_W is still that of the weights and x_W (if not on some rank — weights loaded or
+    edited, vectors reset — the W half is repeated with pass 2's own B_W x_W, as the eager step computes it);
+    ``pieces_update``: the update, and the partial B_W x_W of the new weights to keep."""
     advance_steps_([step])
     t = float(step)
     idx = [i for i, v in enumerate(weight_vectors) if v is not None]
     group = parts[idx[0]].layout.group
-    dims = [parts[i].layout.dims for i in idx]
-    rows, cols = [m for m, _ in dims], [n for _, n in dims]
-    offsets, starts, numels = [parts[i].offset for i in idx], [parts[i].layout.start for i in idx], [parts[i].numel for i in idx]
-    gaps = uncovered(flat.numel(), list(zip(offsets, numels)))
+    plan = _pieces_plan(work, flat.numel(), [parts[i] for i in idx])
     buffer = work.get(torch.float32, flat.numel())
-    tall = [n <= m for m, n in dims]
-    short = Segments([n if t_ else m for (m, n), t_ in zip(dims, tall)] * 2, flat.device)
-    long = Segments([m if t_ else n for (m, n), t_ in zip(dims, tall)] * 2, flat.device)
-    pieces = (offsets, starts, numels, rows, cols)
-    half = sum(long.sizes) // 2
-
-    def long_products(x: Tensor) -> Tensor:  # pass 1: moments, U, B x of W and U
-        out = kernel.pieces_pass1(flat, grad, exp_avg, exp_avg_sq, buffer, *pieces, [g[0] for g in gaps],
-                                  [g[1] for g in gaps], x[: x.numel() // 2].contiguous(), x[x.numel() // 2 :].contiguous(),
-                                  1 - beta1**t, 1 - beta2**t, beta1, beta2, eps)
-        sigma.all_reduce_(out, group)
-        return out
-
-    def short_products(y: Tensor) -> Tensor:  # pass 2: Bᵀ y of W and U
-        out = kernel.pieces_pass2(flat, buffer, *pieces, y[:half].contiguous(), y[half:].contiguous())
-        sigma.all_reduce_(out, group)
-        return out
-
     w_vecs, u_vecs = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
-    both, x = power_steps_(long_products, short_products, torch.cat(w_vecs + u_vecs), short, long, 1)
-    torch._foreach_copy_(w_vecs + u_vecs, list(x.split(short.sizes)))
-    n, k = len(parts), len(idx)
+    x = torch.cat(w_vecs + u_vecs)
+    k, half_short, half_long = len(idx), plan.short_sizes_total // 2, plan.long_sizes_total // 2
+    x_w, x_u = x[:half_short], x[half_short:]
+    kept = work.products.pop(flat, _NO_PRODUCT)
+
+    # pass 1: moments, U, B_U x_U (and B_W x_W where none was kept); all-reduce; y = c b / ‖b‖ per matrix
+    b = kernel.pieces_pass1(flat, grad, exp_avg, exp_avg_sq, buffer, *plan.pieces, *plan.gaps, x_w, x_u,
+                            1 - beta1**t, 1 - beta2**t, beta1, beta2, eps, kept)
+    local_bw = b[:half_long].clone() if kept.numel() != half_long else None  # this rank's own, for a repeat
+    sigma.all_reduce_(b, group)
+    c = kernel.segments_unit_scaled_(b, plan.long_sizes)
+
+    # pass 2: Bᵀ y of W and U, and whether the kept B_W x_W is still that of the weights and x_W; all-reduce
+    z, fresh = kernel.pieces_pass2(flat, buffer, *plan.pieces, b[:half_long], b[half_long:], x_w, kept)
+    sigma.all_reduce_(z, group)
+    if z[-1].item() > 0:  # a reduced flag: every rank repeats the W half, with B_W x_W of the weights now
+        b_w = fresh if local_bw is None else local_bw
+        sigma.all_reduce_(b_w, group)
+        c[:k] = kernel.segments_unit_scaled_(b_w, plan.long_sizes[:k])
+        z, _ = kernel.pieces_pass2(flat, buffer, *plan.pieces, b_w, b[half_long:], x_w, _NO_PRODUCT)
+        sigma.all_reduce_(z, group)
+    both = kernel.segments_sigma_(z[:-1], plan.short_sizes, c, x)  # σ = ‖z‖ / c; x ← z / ‖z‖ where σ > 0
+    torch._foreach_copy_(w_vecs + u_vecs, list(x.split(plan.short_sizes)))
+
+    n = len(parts)
+    index = constant_tensor(work, "index", tuple(idx), torch.device("cpu"))
     sigma_w, sigma_u = torch.zeros(n), torch.zeros(n)
-    index = torch.tensor(idx)
     sigma_w.index_copy_(0, index, both[:k])
     sigma_u.index_copy_(0, index, both[k:])
-    capped = torch.zeros(n, dtype=torch.bool)
-    capped[idx] = True
+    capped = constant_tensor(work, "capped", tuple(v is not None for v in weight_vectors), torch.device("cpu"), torch.bool)
     ratio = cap_ratio(sigma_w, sigma_u, capped, lr=lr, tau=tau)
-    ratios = ratio[index].tolist()
-    kernel.pieces_update(flat, buffer, offsets + [g[0] for g in gaps], numels + [g[1] for g in gaps],
-                         [lr * r for r in ratios] + [lr] * len(gaps), weight_decay)
+    lrs = [lr * r for r in ratio[index].tolist()]
+    work.products[flat] = kernel.pieces_update(flat, buffer, *plan.pieces, lrs, *plan.gaps, lr, weight_decay, x_w)
     return ratio, sigma_w, sigma_u
+
+
+_NO_PRODUCT = torch.zeros(0)
+
+
+class _PiecesPlan:
+    """What the fused pieces step passes its kernel for one layout of a partition: the pieces' (offsets, starts,
+    numels, rows, cols), the gaps' (offsets, numels), and the vector segments [W's | U's] of the short and the long
+    side."""
+
+    def __init__(self, numel: int, parts: list[Part]) -> None:
+        dims = [part.layout.dims for part in parts]
+        offsets, numels = [part.offset for part in parts], [part.numel for part in parts]
+        self.pieces = (offsets, [part.layout.start for part in parts], numels, [m for m, _ in dims], [n for _, n in dims])
+        gaps = uncovered(numel, list(zip(offsets, numels)))
+        self.gaps = ([g[0] for g in gaps], [g[1] for g in gaps])
+        self.short_sizes = [min(m, n) for m, n in dims] * 2
+        self.long_sizes = [max(m, n) for m, n in dims] * 2
+        self.short_sizes_total, self.long_sizes_total = sum(self.short_sizes), sum(self.long_sizes)
+
+
+def _pieces_plan(work: WorkBuffer, numel: int, parts: list[Part]) -> _PiecesPlan:
+    key = ("pieces", numel, tuple((p.offset, p.numel, p.layout.start, p.layout.dims) for p in parts))
+    return work.constant(key, lambda: _PiecesPlan(numel, parts))

@@ -26,8 +26,10 @@ which would break a (2, Σk) tensor, while it passes other values through and ex
 another number of ranks) the vectors are therefore absent and start cold (``cold_start_iters``
 iterations); everything else continues exactly.
 
-A non-finite gradient on any rank makes every rank skip the step (a reduced flag), as DeepSpeed's own
-overflow check does where it runs.
+A non-finite gradient on any rank makes every rank skip the step. DeepSpeed's own check does this where it runs
+(its ``step()`` skips a step whose global gradient norm is not finite before calling the optimizer: ZeRO-3 always,
+ZeRO-1/2 in every dtype but bf16 with ``check_grad_overflow: false``); elsewhere AdamWeyl checks itself with a
+reduced flag (one read of the gradient partition).
 """
 
 from __future__ import annotations
@@ -42,13 +44,22 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..core.cpu_kernel import cpu_kernel
 from ..core.layout import Part, RowPiece, StepPlan, Unit
 from ..core.optimizer import GROUP_INDEX, AdamWeyl, register_engine_adapter
 from ..distributed.collectives import COMM_STATS, all_reduce_
 from ..distributed.sigma import LAYOUT_SIGMA, SIGMA_MODES, matrix_dims
 from ..distributed.sigma import comm_bytes_per_step as sigma_comm_bytes
 from .internals.accelerate import deepspeed_plugins
-from .internals.deepspeed import DEEPSPEED_PRIVATE, TESTED_DEEPSPEED, deepspeed_version, first_set, optional, private
+from .internals.deepspeed import (
+    DEEPSPEED_PRIVATE,
+    TESTED_DEEPSPEED,
+    deepspeed_version,
+    first_set,
+    optional,
+    private,
+    skips_nonfinite_steps,
+)
 
 __all__ = [
     "COMM_STATS",
@@ -179,6 +190,7 @@ class ZeroLayout:
 
     ``offsets[i]``: start of ``params[i]``'s piece in the flat partition; ``starts[i]``: start of the
     piece in the flattened parameter; ``numels[i]``: its length (0 where this rank holds none).
+    ``engine_skips_nonfinite``: DeepSpeed's step skips non-finite steps itself (``skips_nonfinite_steps``).
     """
 
     params: list[Tensor]
@@ -188,6 +200,7 @@ class ZeroLayout:
     numels: list[int]
     group: Any  # the process group to reduce over
     stage: int
+    engine_skips_nonfinite: bool = False
 
 
 def _optimized(p: Tensor) -> bool:
@@ -275,10 +288,15 @@ def zero_layout(flat: Tensor, originals: list[Tensor]) -> ZeroLayout:
     params = [p for p in originals if _optimized(p)]
     if params and all(hasattr(p, "ds_id") for p in params) and hasattr(flat, "ds_id"):
         _check_settings(params, stage=3)
-        return _zero3_layout(flat, params)
-    if params and all(hasattr(p, "_hp_mapping") and hasattr(p, "_dp_group") for p in params):
+        layout = _zero3_layout(flat, params)
+    elif params and all(hasattr(p, "_hp_mapping") and hasattr(p, "_dp_group") for p in params):
         _check_settings(params, stage=2)
-        return _zero12_layout(flat, params)
+        layout = _zero12_layout(flat, params)
+    else:
+        layout = None
+    if layout is not None:
+        layout.engine_skips_nonfinite = skips_nonfinite_steps(params, 3 if layout.stage == 3 else 2)
+        return layout
     raise RuntimeError(
         f"AdamWeyl: a param group holds a tensor of shape {tuple(flat.shape)} that is not one of the parameters the "
         "optimizer was built with, and no DeepSpeed ZeRO fragment mapping (param._hp_mapping or ZeRO-3 ds_id) was "
@@ -313,10 +331,17 @@ def _verify(layout: ZeroLayout, flat: Tensor) -> None:
 
 
 def nonfinite_anywhere(grads: list[Tensor], group: Any) -> bool:
-    """Whether any rank's gradient of these partitions holds inf/NaN: one reduced flag, so all ranks agree."""
+    """Whether any rank's gradient of these partitions holds inf/NaN: one reduced flag, so all ranks agree. One read
+    of each gradient: the fused CPU kernel's ``all_finite`` for contiguous fp32 CPU partitions (memory speed), else
+    ``aminmax`` (min and max propagate NaN and ±inf; no mask of the gradient's size)."""
     bad = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
     for grad in grads:
-        if grad.numel():  # min and max propagate NaN and ±inf: one read of the gradient, no mask of its size
+        if not grad.numel():
+            continue
+        kernel = cpu_kernel() if grad.device.type == "cpu" and grad.dtype == torch.float32 and grad.is_contiguous() else None
+        if kernel is not None:
+            bad += 0.0 if kernel.all_finite(grad) else 1.0
+        else:
             lo, hi = grad.aminmax()
             bad += ~(torch.isfinite(lo) & torch.isfinite(hi))
     all_reduce_(bad, group, op=dist.ReduceOp.MAX)
@@ -359,8 +384,8 @@ class DeepSpeedZeroAdapter:
 
     def describe(self, optimizer: AdamWeyl, group: dict[str, Any]) -> StepPlan | None:
         """The group's flat partitions as units (:func:`zero_unit`), each layout verified against the weights at its
-        first step; None (every rank skips the step) when some rank's gradient is non-finite, as DeepSpeed's own
-        overflow check does where it runs."""
+        first step; None (every rank skips the step) when some rank's gradient is non-finite and DeepSpeed did not
+        check (where it checks, its step() never calls ours with one)."""
         _repair_group_indices(optimizer)
         originals = optimizer.group_params(group)
         layouts = []
@@ -373,7 +398,8 @@ class DeepSpeedZeroAdapter:
             if flat.grad is None:
                 raise RuntimeError("AdamWeyl (ZeRO): the flat fp32 partition has no gradient at step time")
             layouts.append(layout)
-        if nonfinite_anywhere([flat.grad for flat in group["params"]], layouts[0].group):
+        if not layouts[0].engine_skips_nonfinite and nonfinite_anywhere([flat.grad for flat in group["params"]],
+                                                                         layouts[0].group):
             return None
         units = [zero_unit(flat, layout) for flat, layout in zip(group["params"], layouts)]
         # ZeRO-1/2 step one group per call, ZeRO-3 one sub-group: the group's stats gather all its partitions.
@@ -404,11 +430,16 @@ def _repair_group_indices(optimizer: AdamWeyl) -> None:
 
 
 def comm_bytes_per_step(
-    shapes: list[tuple[int, ...]], world: int, mode: str, *, power_iters: int = 1, bytes_per_float: int = 4
+    shapes: list[tuple[int, ...]], world: int, mode: str, *, power_iters: int = 1, bytes_per_float: int = 4,
+    engine_checks: bool = False, fused: bool = False,
 ) -> dict[str, float]:
     """Payload bytes one rank hands to collectives per optimizer step under ZeRO for the capped tensors of
-    one flat partition: the σ traffic (:func:`hf_weyl.distributed.comm_bytes_per_step`) plus the reduced
-    4-byte non-finite flag, and the ring-algorithm bytes on the wire."""
+    one flat partition, and the ring-algorithm bytes on the wire: the σ traffic
+    (:func:`hf_weyl.distributed.comm_bytes_per_step`); the reduced 4-byte non-finite flag unless ``engine_checks``
+    (DeepSpeed's step checks the gradient norm and AdamWeyl sees that it does: ZeRO-3, ZeRO-1/2 under offload);
+    and with ``fused`` (the fused CPU step: CPU fp32 partitions, ``vector_reduce``, warm steps) one float more in
+    the second all-reduce, the kept product's check."""
     sigma = sigma_comm_bytes(shapes, world, mode, power_iters=power_iters, bytes_per_float=bytes_per_float)
-    flag = 4
-    return {"payload": sigma["payload"] + flag, "wire": sigma["wire"] + flag, "collectives": sigma["collectives"] + 1}
+    extra = (0 if engine_checks else 4) + (4 if fused and shapes else 0)
+    calls = sigma["collectives"] + (0 if engine_checks else 1)
+    return {"payload": sigma["payload"] + extra, "wire": sigma["wire"] + extra, "collectives": calls}

@@ -237,15 +237,26 @@ def check_resume(stage, **cfg):
         shutil.rmtree(ckpt, ignore_errors=True)
 
 
-def check_inf_one_rank(stage, ds_skips=True, **cfg):
+def check_inf_one_rank(stage, ds_skips=True, votes=False, **cfg):
     """Rank 1 alone gets an inf loss: both ranks must skip the step (DeepSpeed's own overflow check, or,
-    where DeepSpeed does not check — bf16 with check_grad_overflow=false — AdamWeyl's reduced check)."""
-    engine = make_engine(stage, **cfg)
-    train_ds(engine, 1)
-    before = full_weights(engine, stage)
-    train_ds(engine, 1, first_step=1, poison=(1, 1))  # rank 1 only
-    after = full_weights(engine, stage)
+    where DeepSpeed does not check — bf16 with check_grad_overflow=false — AdamWeyl's reduced check). AdamWeyl's own
+    check runs (``votes``) unless it can see that DeepSpeed's step checks: ZeRO-3, and ZeRO-1/2 under offload (in
+    DeepSpeed 0.19 only then do the parameters carry their ZeRO optimizer)."""
+    import hf_weyl.integrations.deepspeed as ds
+
+    seen = []
+    real = ds.nonfinite_anywhere
+    ds.nonfinite_anywhere = lambda *a, **k: seen.append(1) or real(*a, **k)
+    try:
+        engine = make_engine(stage, **cfg)
+        train_ds(engine, 1)
+        before = full_weights(engine, stage)
+        train_ds(engine, 1, first_step=1, poison=(1, 1))  # rank 1 only
+        after = full_weights(engine, stage)
+    finally:
+        ds.nonfinite_anywhere = real
     assert (engine.skipped_steps == 1) == ds_skips, f"DeepSpeed skipped_steps={engine.skipped_steps}"
+    assert bool(seen) == votes, f"AdamWeyl's own non-finite vote ran {len(seen)} times (expected: {votes})"
     for name in before:
         assert torch.equal(before[name], after[name]), f"ZeRO-{stage} {cfg}: {name} changed on a non-finite step"
     train_ds(engine, 1, first_step=2)
@@ -435,11 +446,16 @@ CHECKS = {
     **{f"equal_zero{s}_bf16": (lambda s=s: check_equal_bf16(s)) for s in (2, 3)},
     "resume_zero2": lambda: check_resume(2),
     "resume_zero3": lambda: check_resume(3),
-    "inf_one_rank_zero2_fp32": lambda: check_inf_one_rank(2),
+    "inf_one_rank_zero2_fp32": lambda: check_inf_one_rank(2, votes=True),
+    "inf_one_rank_zero2_fp32_offload": lambda: check_inf_one_rank(2, votes=False, **offload()),
     "inf_one_rank_zero2_bf16_unchecked": lambda: check_inf_one_rank(
-        2, ds_skips=False, bf16={"enabled": True, "check_grad_overflow": False}, gradient_clipping=0.0
+        2, ds_skips=False, votes=True, bf16={"enabled": True, "check_grad_overflow": False}, gradient_clipping=0.0
     ),
-    "inf_one_rank_zero3_fp32": lambda: check_inf_one_rank(3),
+    "inf_one_rank_zero2_bf16_unchecked_offload": lambda: check_inf_one_rank(
+        2, ds_skips=False, votes=True, bf16={"enabled": True, "check_grad_overflow": False}, gradient_clipping=0.0,
+        **offload(),
+    ),
+    "inf_one_rank_zero3_fp32": lambda: check_inf_one_rank(3, votes=False),
     **{f"layouts_zero{s}": (lambda s=s: check_layouts(s)) for s in (1, 2, 3)},
     "refuse_round_robin": lambda: check_refuses(2, "round_robin_gradients", zero={"round_robin_gradients": True}),
     **{f"offload_zero{s}{pin}": (lambda s=s, pin=pin: check_equal(s, "vector_reduce", **offload(pin == "_pinned")))

@@ -37,7 +37,9 @@
 
 namespace {
 
-constexpr int kLanes = 16;
+// 32 lanes: two independent vector accumulators (AVX-512; four with AVX2), so a dot product is not bound by
+// the latency of one chain of dependent FMAs.
+constexpr int kLanes = 32;
 
 // Element access as fp32. bf16 is handled on its bits (round to nearest even, NaN kept), so that the
 // compiler vectorises the loops; c10::BFloat16's own conversion branches.
@@ -63,25 +65,26 @@ struct Hyper {
 
 // v ← v / ‖v‖ in place, returning ‖v‖, computed as max|v| · ‖v / max|v|‖ (no square under- or overflows).
 // A zero vector stays zero (norm 0); a non-finite one gives a NaN norm (callers then keep their vector).
-float unit_(std::vector<float>& v) {
+float unit_(float* v, int64_t n) {
   float scale = 0.f;
   bool finite = true;
-  for (float a : v) {
-    finite = finite && std::isfinite(a);
-    scale = std::max(scale, std::fabs(a));
+  for (int64_t i = 0; i < n; ++i) {
+    finite = finite && std::isfinite(v[i]);
+    scale = std::max(scale, std::fabs(v[i]));
   }
   if (!finite) return NAN;
   if (!(scale > 0.f)) return 0.f;
   double sum = 0.0;
-  for (float& a : v) {
-    a = a / scale;
-    sum += double(a) * double(a);
+  for (int64_t i = 0; i < n; ++i) {
+    v[i] = v[i] / scale;
+    sum += double(v[i]) * double(v[i]);
   }
   const float norm = float(std::sqrt(sum));
   const float div = std::max(norm, 1.f);
-  for (float& a : v) a = a / div;
+  for (int64_t i = 0; i < n; ++i) v[i] = v[i] / div;
   return norm * scale;
 }
+float unit_(std::vector<float>& v) { return unit_(v.data(), int64_t(v.size())); }
 
 float subnormal_guard(float s) {
   if (s > 0.f && s < std::ldexp(1.f, -60)) {
@@ -98,7 +101,7 @@ float dot(const float* a, const float* b, int64_t n) {
 #pragma omp simd
     for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
   }
-  for (int width = kLanes / 2; width > 0; width /= 2) {  // pairwise: log2(16) dependent adds, not 16
+  for (int width = kLanes / 2; width > 0; width /= 2) {  // pairwise: log2(32) dependent adds, not 32
 #pragma omp simd
     for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
   }
@@ -110,6 +113,55 @@ float dot(const float* a, const float* b, int64_t n) {
 inline void axpy(float* out, const float* a, float s, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) out[j] += a[j] * s;
+}
+
+// R consecutive rows (stride n) at once: out[r] = dot(a + r n, x, n) and out += Σ_r s[r] · a[r n ..], each with the
+// rounding of the one-row functions above (per row the same lanes and pairwise sum; per column the same FMAs in
+// row order), so a result never depends on how rows were grouped. Grouping shares the loads of x and of `out`
+// between rows and runs R independent chains.
+template <int R>
+void dot_rows(const float* a, int64_t n, const float* x, float* out) {
+  float acc[R][kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int r = 0; r < R; ++r) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) acc[r][l] += a[r * n + j + l] * x[j + l];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+#pragma omp simd
+      for (int l = 0; l < width; ++l) acc[r][l] += acc[r][l + width];
+    }
+    float sum = acc[r][0];
+    for (int64_t k = j; k < n; ++k) sum += a[r * n + k] * x[k];
+    out[r] = sum;
+  }
+}
+
+template <int R>
+void axpy_rows(float* out, const float* a, int64_t n, const float* s) {
+  float sc[R];
+  for (int r = 0; r < R; ++r) sc[r] = s[r];
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float acc = out[j];
+    for (int r = 0; r < R; ++r) acc += a[r * n + j] * sc[r];
+    out[j] = acc;
+  }
+}
+
+constexpr int kRowBlock = 4;
+
+template <typename Fn>
+inline void by_rows(int rows, Fn fn) {  // fn(std::integral_constant<int, R>) for R = rows in 1..kRowBlock
+  switch (rows) {
+    case 4: fn(std::integral_constant<int, 4>()); break;
+    case 3: fn(std::integral_constant<int, 3>()); break;
+    case 2: fn(std::integral_constant<int, 2>()); break;
+    default: fn(std::integral_constant<int, 1>()); break;
+  }
 }
 
 // One matrix-vector product accumulated row by row: rows of A are visited in order, each as a float
@@ -183,21 +235,23 @@ void for_rows(int64_t m, int64_t n, Fn fn) {
 }
 
 // Normalise b in place (y = b / ‖b‖) and scale it by the subnormal guard c; returns c.
-float to_unit_scaled(std::vector<float>& b) {
-  const float c = subnormal_guard(unit_(b));
-  for (float& y : b) y *= c;
+float to_unit_scaled(float* b, int64_t n) {
+  const float c = subnormal_guard(unit_(b, n));
+  for (int64_t i = 0; i < n; ++i) b[i] *= c;
   return c;
 }
+float to_unit_scaled(std::vector<float>& b) { return to_unit_scaled(b.data(), int64_t(b.size())); }
 
 // x ← z / ‖z‖ where σ = ‖z‖ / c is finite and positive; returns σ (0 where it is not).
-float finish_sigma(std::vector<float>& z, float c, float* x) {
-  const float sigma = unit_(z) / c;
+float finish_sigma(float* z, int64_t n, float c, float* x) {
+  const float sigma = unit_(z, n) / c;
   if (sigma > 0.f && std::isfinite(sigma)) {
-    std::copy(z.begin(), z.end(), x);
+    std::copy(z, z + n, x);
     return sigma;
   }
   return 0.f;
 }
+float finish_sigma(std::vector<float>& z, float c, float* x) { return finish_sigma(z.data(), int64_t(z.size()), c, x); }
 
 // One full power step on the array A (T*, m × n) from x; returns σ.
 template <typename T>
@@ -365,16 +419,25 @@ at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> gra
 // the vector reductions (done by the caller) between them:
 //
 //   pieces_pass1   over the whole partition: moments and U (stored); for each piece, its partial long products
-//                  B_W x_W and B_U x_U (zeros outside its rows/columns), concatenated [W's | U's]
+//                  B_W x_W and B_U x_U (zeros outside its rows/columns), concatenated [W's | U's]. Given `kept_bw`,
+//                  the partial B_W x_W the previous update computed of the weights it wrote, W is not read: the kept
+//                  product stands in for B_W x_W, and pass 2 checks it.
 //   (all-reduce; y = b / ‖b‖ scaled by the subnormal guard, by the caller)
-//   pieces_pass2   for each piece, its partial short products B_Wᵀ y_W and B_Uᵀ y_U, concatenated [W's | U's]
+//   pieces_pass2   for each piece, its partial short products B_Wᵀ y_W and B_Uᵀ y_U, concatenated [W's | U's], then
+//                  one element: 1 where a kept product was used and is not this pass's B_W x_W of the weights and
+//                  x_W as they are now, bit for bit (the same products in the same order give the same bits; any
+//                  change of the weights, of x_W or of the thread count gives other bits). Its B_W x_W is returned
+//                  too: where some rank's flag is set, the caller repeats the W half with it.
 //   (all-reduce; σ = ‖z‖ / c, the cap, by the caller)
-//   pieces_update  A ← A (1 − α' λ) − α' U with α' per piece (the scheduled lr in the gaps)
+//   pieces_update  A ← A (1 − α' λ) − α' U with α' per piece (the scheduled lr in the gaps), and each piece's
+//                  partial B_W x_W of the new weights and the new x_W: the next step's kept product, computed
+//                  while the rows are in cache, so that W is read twice per step, not three times.
 //
 // The arithmetic per element is the whole-matrix kernel's. Each pass is one parallel region over tasks of about
 // kTaskElements elements (row ranges of the pieces, or stretches of the gaps), split evenly across the
 // threads; column sums are accumulated per thread and added in thread order (deterministic for a given thread
 // count). (One region per pass, not per matrix: on a loaded machine every region waits for all its threads.)
+// all_finite reads a tensor once at memory speed: the non-finite check before a step.
 
 namespace {
 
@@ -475,11 +538,16 @@ struct PieceProducts {
     threads = at::get_num_threads();
     partial.assign(static_cast<size_t>(threads) * axpy_total, 0.f);
   }
-  inline void segment(int64_t i, const float* vals, int64_t r, int64_t c0, int64_t len, int tid) {
+  // `rows` consecutive rows r.. of piece i, columns [c0, c0 + len) (rows > 1: whole rows, stride len)
+  inline void segment(int64_t i, const float* vals, int64_t r, int rows, int64_t c0, int64_t len, int tid) {
     if (dot[i]) {
-      out[out_at[i] + r] = ::dot(vals, vec + vec_at[i] + c0, len);
+      const float* x = vec + vec_at[i] + c0;
+      float* o = out + out_at[i] + r;
+      by_rows(rows, [&](auto k) { dot_rows<decltype(k)::value>(vals, len, x, o); });
     } else {
-      axpy(partial.data() + static_cast<int64_t>(tid) * axpy_total + axpy_at[i] + c0, vals, vec[vec_at[i] + r], len);
+      float* p = partial.data() + static_cast<int64_t>(tid) * axpy_total + axpy_at[i] + c0;
+      const float* sv = vec + vec_at[i] + r;
+      by_rows(rows, [&](auto k) { axpy_rows<decltype(k)::value>(p, vals, len, sv); });
     }
   }
   void finish(const std::vector<PieceRef>& pieces) {
@@ -491,7 +559,9 @@ struct PieceProducts {
   }
 };
 
-// fn(piece index, row, first column, length, position in the partition, thread) for every row segment.
+// fn(piece index, first row, rows, first column, length, position in the partition, thread) for every row segment:
+// a row cut by the piece's start or end alone, whole rows in groups of up to kRowBlock (then length = columns, and
+// the group's elements are contiguous).
 template <typename Fn>
 void for_row_segments(const std::vector<PieceRef>& pieces, const std::vector<RowTask>& tasks, Fn fn) {
   at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
@@ -499,10 +569,22 @@ void for_row_segments(const std::vector<PieceRef>& pieces, const std::vector<Row
     for (int64_t t = begin; t < end; ++t) {
       const RowTask& task = tasks[t];
       const PieceRef& p = pieces[task.piece];
-      for (int64_t r = task.r0; r < task.r1; ++r) {
-        const int64_t c0 = p.c_begin(r);
-        fn(task.piece, r, c0, p.c_end(r) - c0, p.flat(r, c0), tid);
+      // (the piece's first and last rows and columns once per task: no division per row)
+      const int64_t first = p.r_first(), last = p.r_last(), c_first = p.c_begin(first), c_last = p.c_end(last);
+      const int64_t n = p.cols, base0 = p.offset - p.start;  // element (r, c) is at base0 + r n + c
+      int64_t r = task.r0;
+      if (r == first && (c_first > 0 || (r == last && c_last < n))) {  // a row cut by the piece's start
+        const int64_t c1 = r == last ? c_last : n;
+        fn(task.piece, r, 1, c_first, c1 - c_first, base0 + r * n + c_first, tid);
+        ++r;
       }
+      const int64_t whole_end = (task.r1 - 1 == last && c_last < n) ? task.r1 - 1 : task.r1;  // rows ending at n
+      while (r < whole_end) {
+        const int rows = int(std::min<int64_t>(kRowBlock, whole_end - r));
+        fn(task.piece, r, rows, int64_t(0), n, base0 + r * n, tid);
+        r += rows;
+      }
+      if (r < task.r1) fn(task.piece, r, 1, int64_t(0), c_last, base0 + r * n, tid);  // a row cut by the piece's end
     }
   });
 }
@@ -537,11 +619,18 @@ int64_t total(const std::vector<PieceRef>& pieces, int64_t (*len)(int64_t, int64
 
 }  // namespace
 
+// The kept product of the pieces if it has their length (else none).
+const float* kept_of(const at::Tensor& kept, int64_t long_total) {
+  if (kept.numel() != long_total || long_total == 0) return nullptr;
+  TORCH_CHECK(kept.is_contiguous() && kept.scalar_type() == at::kFloat, "hf_weyl cpu kernel: a kept product must be fp32");
+  return kept.data_ptr<float>();
+}
+
 at::Tensor pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at::Tensor exp_avg_sq, at::Tensor work,
                         std::vector<int64_t> offsets, std::vector<int64_t> starts, std::vector<int64_t> numels,
                         std::vector<int64_t> rows, std::vector<int64_t> cols, std::vector<int64_t> gap_offsets,
                         std::vector<int64_t> gap_numels, at::Tensor x_w, at::Tensor x_u, double bc1, double bc2,
-                        double beta1, double beta2, double eps) {
+                        double beta1, double beta2, double eps, at::Tensor kept_bw) {
   const int64_t partition = flat.numel();
   for (const at::Tensor* t : {&flat, &grad, &exp_avg, &exp_avg_sq, &work}) check_flat(*t, partition, "a partition tensor");
   const auto pieces = pieces_of(offsets, starts, numels, rows, cols, partition);
@@ -561,69 +650,169 @@ at::Tensor pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at
     for (int64_t t = b; t < e; ++t) mo.run(g, m, v, u, gaps[t].offset, gaps[t].numel);
   });
   at::Tensor out = at::zeros({2 * long_total}, at::kFloat);
+  const float* const kept = kept_of(kept_bw, long_total);
   PieceProducts bw, bu;
-  bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), out.data_ptr<float>());
+  if (kept != nullptr) {
+    std::copy(kept, kept + long_total, out.data_ptr<float>());
+  } else {
+    bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), out.data_ptr<float>());
+  }
   bu.start(pieces, long_is_dot, long_len, short_len, x_u.data_ptr<float>(), out.data_ptr<float>() + long_total);
-  for_row_segments(pieces, row_tasks(pieces), [&bw, &bu, mo, g, m, v, u, w](int64_t i, int64_t r, int64_t c0,
-                                                                           int64_t len, int64_t base, int tid) {
-    mo.run(g, m, v, u, base, len);
-    bw.segment(i, w + base, r, c0, len, tid);
-    bu.segment(i, u + base, r, c0, len, tid);
+  const bool read_w = kept == nullptr;
+  for_row_segments(pieces, row_tasks(pieces), [&bw, &bu, mo, g, m, v, u, w, read_w](
+                                                  int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base, int tid) {
+    mo.run(g, m, v, u, base, rows * len);
+    if (read_w) bw.segment(i, w + base, r, rows, c0, len, tid);
+    bu.segment(i, u + base, r, rows, c0, len, tid);
   });
-  bw.finish(pieces);
+  if (read_w) bw.finish(pieces);
   bu.finish(pieces);
   return out;
 }
 
-at::Tensor pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
-                        std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
-                        at::Tensor y_w, at::Tensor y_u) {
+std::vector<at::Tensor> pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets,
+                                     std::vector<int64_t> starts, std::vector<int64_t> numels, std::vector<int64_t> rows,
+                                     std::vector<int64_t> cols, at::Tensor y_w, at::Tensor y_u, at::Tensor x_w,
+                                     at::Tensor kept_bw) {
   const int64_t partition = flat.numel();
   for (const at::Tensor* t : {&flat, &work}) check_flat(*t, partition, "a partition tensor");
   const auto pieces = pieces_of(offsets, starts, numels, rows, cols, partition);
   const int64_t long_total = total(pieces, long_len), short_total = total(pieces, short_len);
   TORCH_CHECK(y_w.numel() == long_total && y_u.numel() == long_total && y_w.is_contiguous() && y_u.is_contiguous() &&
-                  y_w.scalar_type() == at::kFloat && y_u.scalar_type() == at::kFloat,
+                  y_w.scalar_type() == at::kFloat && y_u.scalar_type() == at::kFloat && x_w.numel() == short_total &&
+                  x_w.is_contiguous() && x_w.scalar_type() == at::kFloat,
               "hf_weyl cpu kernel: the vectors do not match the pieces");
   const float* const w = flat.data_ptr<float>();
   const float* const u = work.data_ptr<float>();
-  at::Tensor out = at::zeros({2 * short_total}, at::kFloat);
-  PieceProducts zw, zu;
+  at::Tensor out = at::zeros({2 * short_total + 1}, at::kFloat);
+  const float* const kept = kept_of(kept_bw, long_total);
+  at::Tensor fresh = at::zeros({kept != nullptr ? long_total : 0}, at::kFloat);
+  PieceProducts zw, zu, bw;
   zw.start(pieces, short_is_dot, short_len, long_len, y_w.data_ptr<float>(), out.data_ptr<float>());
   zu.start(pieces, short_is_dot, short_len, long_len, y_u.data_ptr<float>(), out.data_ptr<float>() + short_total);
-  for_row_segments(pieces, row_tasks(pieces), [&zw, &zu, w, u](int64_t i, int64_t r, int64_t c0, int64_t len,
-                                                               int64_t base, int tid) {
-    zw.segment(i, w + base, r, c0, len, tid);
-    zu.segment(i, u + base, r, c0, len, tid);
+  if (kept != nullptr) bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), fresh.data_ptr<float>());
+  const bool check = kept != nullptr;
+  for_row_segments(pieces, row_tasks(pieces), [&zw, &zu, &bw, w, u, check](
+                                                  int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base, int tid) {
+    zw.segment(i, w + base, r, rows, c0, len, tid);
+    zu.segment(i, u + base, r, rows, c0, len, tid);
+    if (check) bw.segment(i, w + base, r, rows, c0, len, tid);
   });
   zw.finish(pieces);
   zu.finish(pieces);
-  return out;
+  if (check) {
+    bw.finish(pieces);
+    const float* const now = fresh.data_ptr<float>();
+    bool same = true;  // bit for bit: NaN weights never validate
+    for (int64_t i = 0; i < long_total && same; ++i) same = now[i] == kept[i];
+    out.data_ptr<float>()[2 * short_total] = same ? 0.f : 1.f;
+  }
+  return {out, fresh};
 }
 
-void pieces_update(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> numels,
-                   std::vector<double> lrs, double weight_decay) {
+at::Tensor pieces_update(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
+                         std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
+                         std::vector<double> lrs, std::vector<int64_t> gap_offsets, std::vector<int64_t> gap_numels,
+                         double gap_lr, double weight_decay, at::Tensor x_w) {
   const int64_t partition = flat.numel();
   for (const at::Tensor* t : {&flat, &work}) check_flat(*t, partition, "a partition tensor");
-  const auto tasks = span_tasks(offsets, numels, lrs, partition);
+  const auto pieces = pieces_of(offsets, starts, numels, rows, cols, partition);
+  const int64_t long_total = total(pieces, long_len), short_total = total(pieces, short_len);
+  TORCH_CHECK(lrs.size() == pieces.size(), "hf_weyl cpu kernel: one lr per piece");
+  TORCH_CHECK(x_w.numel() == short_total && x_w.is_contiguous() && x_w.scalar_type() == at::kFloat,
+              "hf_weyl cpu kernel: the vectors do not match the pieces");
   float* const w = flat.data_ptr<float>();
   const float* const u = work.data_ptr<float>();
   const float wd = float(weight_decay);
-  at::parallel_for(0, int64_t(tasks.size()), 1, [&tasks, w, u, wd](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      float* const wt = w + tasks[t].offset;
-      const float* const ut = u + tasks[t].offset;
-      const float eff_lr = tasks[t].value, decay = 1.f - eff_lr * wd;
-      const int64_t len = tasks[t].numel;
+  const auto gaps = span_tasks(gap_offsets, gap_numels, std::vector<double>(gap_offsets.size(), gap_lr), partition);
+  auto update = [w, u, wd](int64_t base, int64_t len, float eff_lr) {
+    float* const wt = w + base;
+    const float* const ut = u + base;
+    const float decay = 1.f - eff_lr * wd;
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) wt[j] = wt[j] * decay - eff_lr * ut[j];
-    }
+    for (int64_t j = 0; j < len; ++j) wt[j] = wt[j] * decay - eff_lr * ut[j];
+  };
+  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, &update](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) update(gaps[t].offset, gaps[t].numel, gaps[t].value);
   });
+  std::vector<float> piece_lr(lrs.begin(), lrs.end());
+  at::Tensor next = at::zeros({long_total}, at::kFloat);
+  PieceProducts bw;
+  bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), next.data_ptr<float>());
+  for_row_segments(pieces, row_tasks(pieces), [&bw, &update, &piece_lr, w](
+                                                  int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base, int tid) {
+    update(base, rows * len, piece_lr[i]);
+    bw.segment(i, w + base, r, rows, c0, len, tid);
+  });
+  bw.finish(pieces);
+  return next;
+}
+
+// The power step's maths between the passes, per segment of a concatenated fp32 vector (the whole-matrix kernel's):
+// segments_unit_scaled_ makes each segment y = c b / ‖b‖ in place and returns the guards c; segments_sigma_ returns
+// σ = ‖z‖ / c per segment (0 where not finite and positive) and sets x to z / ‖z‖ where σ > 0 (z is normalised in
+// place).
+std::vector<int64_t> segment_starts(const at::Tensor& v, const std::vector<int64_t>& sizes) {
+  TORCH_CHECK(v.is_contiguous() && v.scalar_type() == at::kFloat && v.device().is_cpu(),
+              "hf_weyl cpu kernel: segment vectors must be contiguous fp32 CPU tensors");
+  std::vector<int64_t> starts(sizes.size() + 1, 0);
+  for (size_t i = 0; i < sizes.size(); ++i) starts[i + 1] = starts[i] + sizes[i];
+  TORCH_CHECK(starts.back() == v.numel(), "hf_weyl cpu kernel: segment sizes do not add up to the vector");
+  return starts;
+}
+
+at::Tensor segments_unit_scaled_(at::Tensor b, std::vector<int64_t> sizes) {
+  const auto starts = segment_starts(b, sizes);
+  at::Tensor c = at::empty({int64_t(sizes.size())}, at::kFloat);
+  float* const data = b.data_ptr<float>();
+  for (size_t i = 0; i < sizes.size(); ++i) c.data_ptr<float>()[i] = to_unit_scaled(data + starts[i], sizes[i]);
+  return c;
+}
+
+at::Tensor segments_sigma_(at::Tensor z, std::vector<int64_t> sizes, at::Tensor c, at::Tensor x) {
+  const auto starts = segment_starts(z, sizes);
+  segment_starts(x, sizes);
+  TORCH_CHECK(c.is_contiguous() && c.scalar_type() == at::kFloat && c.numel() == int64_t(sizes.size()),
+              "hf_weyl cpu kernel: one guard per segment");
+  at::Tensor sigma = at::empty({int64_t(sizes.size())}, at::kFloat);
+  float* const zd = z.data_ptr<float>();
+  float* const xd = x.data_ptr<float>();
+  for (size_t i = 0; i < sizes.size(); ++i)
+    sigma.data_ptr<float>()[i] = finish_sigma(zd + starts[i], sizes[i], c.data_ptr<float>()[i], xd + starts[i]);
+  return sigma;
+}
+
+// Whether every element of a contiguous fp32 CPU tensor is finite (no inf, no NaN): one read at memory speed. An
+// element is finite iff its exponent bits are not all ones, i.e. iff the largest (bits & exponent mask) is below it.
+bool all_finite(at::Tensor t) {
+  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat && t.device().is_cpu(),
+              "hf_weyl cpu kernel: all_finite takes a contiguous fp32 CPU tensor");
+  const uint32_t* const bits = reinterpret_cast<const uint32_t*>(t.data_ptr<float>());
+  const int64_t n = t.numel();
+  constexpr uint32_t kExponent = 0x7F800000u;
+  std::vector<uint32_t> top(static_cast<size_t>(at::get_num_threads()), 0u);
+  at::parallel_for(0, n, kTaskElements, [&top, bits](int64_t b, int64_t e) {
+    uint32_t lanes[kLanes] = {0u};
+    int64_t j = b;
+    for (; j + kLanes <= e; j += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], bits[j + l] & kExponent);
+    }
+    uint32_t most = 0u;
+    for (int l = 0; l < kLanes; ++l) most = std::max(most, lanes[l]);
+    for (; j < e; ++j) most = std::max(most, bits[j] & kExponent);
+    uint32_t& slot = top[at::get_thread_num()];
+    slot = std::max(slot, most);
+  });
+  return *std::max_element(top.begin(), top.end()) != kExponent;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("weyl_step", &weyl_step, "AdamW² step for a list of CPU matrices in three fused passes");
   module.def("pieces_pass1", &pieces_pass1, "moments, U and the partial long products of matrix pieces (fp32)");
-  module.def("pieces_pass2", &pieces_pass2, "the partial short products of matrix pieces (fp32)");
-  module.def("pieces_update", &pieces_update, "the capped update of a flat partition, lr per segment (fp32)");
+  module.def("pieces_pass2", &pieces_pass2, "the partial short products of matrix pieces, and the kept product's check (fp32)");
+  module.def("pieces_update", &pieces_update, "the capped update of a flat partition and its pieces' next partial B_W x_W (fp32)");
+  module.def("segments_unit_scaled_", &segments_unit_scaled_, "y = c b / ‖b‖ per segment, in place; returns c");
+  module.def("segments_sigma_", &segments_sigma_, "σ = ‖z‖ / c per segment; x ← z / ‖z‖ where σ > 0");
+  module.def("all_finite", &all_finite, "whether a contiguous fp32 CPU tensor holds no inf or NaN");
 }

@@ -1,0 +1,177 @@
+"""The fused CPU step on flat partitions of matrix pieces (``impl="fused_pieces"``) against the eager step, on 2 real
+gloo ranks, without a DeepSpeed engine: each rank holds the ZeRO-1/2 cut of a flat group of matrices (pieces that
+start and end mid-row, tall and wide matrices, uncapped vectors and padding in between).
+
+    torchrun --nproc_per_node 2 tests/zero_scripts/pieces_checks.py [CHECK ...] OUT.json
+
+The update keeps each piece's partial B_W x_W for the next step (``WorkBuffer.products``); pass 2 checks that it is
+still B_W x_W of the weights and x_W. These checks edit the weights, or the vectors, on one rank between steps: both
+ranks must then repeat the W half of the power step and equal the eager step on the edited state.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rank_checks import run_checks  # noqa: E402
+
+from hf_weyl.core.cpu_kernel import cpu_kernel  # noqa: E402
+from hf_weyl.core.functional import WorkBuffer, _fused_pieces_step, adamweyl  # noqa: E402
+from hf_weyl.core.power_iteration import PowerIters, initial_vector, vector_length  # noqa: E402
+from hf_weyl.distributed import LAYOUT_SIGMA  # noqa: E402
+from hf_weyl.integrations.deepspeed import ZeroLayout, zero_unit  # noqa: E402
+
+SHAPES = [torch.Size(s) for s in ((37, 11), (64,), (9, 40), (5, 3, 4), (23, 23), (7,), (13, 50))]
+HYPER = dict(lr=0.02, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, tau=0.002)
+
+
+def partition(rank: int, world: int) -> tuple[int, ZeroLayout]:
+    """This rank's flat partition size (with padding) and its pieces, as ZeRO-1/2 cut a flat group."""
+    sizes = [s.numel() for s in SHAPES]
+    total = sum(sizes)
+    per = -(-total // world) + 3  # + padding at the end of every partition
+    lo, hi = rank * (per - 3), min((rank + 1) * (per - 3), total)
+    offsets, starts, numels, pos = [], [], [], 0
+    for size in sizes:
+        a, b = max(pos, lo), min(pos + size, hi)
+        offsets.append(a - lo if b > a else 0)
+        starts.append(a - pos if b > a else 0)
+        numels.append(max(0, b - a))
+        pos += size
+    return per, ZeroLayout([torch.empty(0) for _ in SHAPES], SHAPES, offsets, starts, numels, dist.group.WORLD, stage=2)
+
+
+class Run:
+    """One optimizer's tensors for the partition: weights, moments, counter, vectors per capped part."""
+
+    def __init__(self, flat: torch.Tensor, layout: ZeroLayout) -> None:
+        self.flat, self.layout = flat.clone(), layout
+        self.m, self.v = torch.zeros_like(flat), torch.zeros_like(flat)
+        self.step = torch.zeros((), dtype=torch.float32)
+        self.w_vecs = [initial_vector(vector_length(s)) if len(s) >= 2 else None for s in SHAPES]
+        self.u_vecs = [v.clone() if v is not None else None for v in self.w_vecs]
+        self.work = WorkBuffer()
+
+    def run(self, grad: torch.Tensor, impl: str, kernel=None):
+        unit = zero_unit(self.flat, self.layout)
+        if impl == "fused_pieces" and kernel is not None:  # the step itself, with a kernel that records its calls
+            return _fused_pieces_step(kernel, self.flat, grad, self.m, self.v, self.step, unit.parts, self.w_vecs,
+                                      self.u_vecs, LAYOUT_SIGMA, self.work, **HYPER, power_iters=PowerIters(1, 1))
+        return adamweyl([self.flat], [grad], [self.m], [self.v], [self.step], [unit.parts], self.w_vecs, self.u_vecs,
+                        [None] * len(SHAPES), **HYPER, power_iters=PowerIters(1, 1), impl=impl, sigma=LAYOUT_SIGMA,
+                        work=self.work)
+
+
+class Recorder:
+    """The kernel, recording whether pass 1 was handed a kept product and what pass 2 flagged (its output is reduced
+    in place after the call: :attr:`flags` reads the reduced flag)."""
+
+    def __init__(self) -> None:
+        self.kernel, self.kept_given, self.outs = cpu_kernel(), [], []
+
+    @property
+    def flags(self) -> list[float]:
+        return [float(out[-1]) for out in self.outs]
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+    def pieces_pass1(self, *args):
+        self.kept_given.append(args[-1].numel() > 0)
+        return self.kernel.pieces_pass1(*args)
+
+    def pieces_pass2(self, *args):
+        out, fresh = self.kernel.pieces_pass2(*args)
+        self.outs.append(out)
+        return out, fresh
+
+
+def setup(seed: int = 0):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    numel, layout = partition(rank, world)
+    gen = torch.Generator().manual_seed(100 + rank)
+    flat = torch.randn(numel, generator=gen)
+    fused, eager = Run(flat, layout), Run(flat, layout)
+    grads = [torch.randn(numel, generator=gen) * 0.1 for _ in range(6)]
+    return rank, fused, eager, grads
+
+
+def same(fused: Run, eager: Run, stats_f, stats_e, what: str) -> None:
+    torch.testing.assert_close(fused.flat, eager.flat, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: weights {m}")
+    for a, b, name in zip(stats_f, stats_e, ("lr ratio", "σ_W", "σ_U")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{what}: {n} {m}")
+
+
+def check_steady() -> None:
+    """Warm steps: pass 1 takes the kept product from the second step on, pass 2 finds it valid, and every step
+    equals the eager one with the cap binding; the kept product is this rank's partial B_W x_W of the new weights."""
+    rank, fused, eager, grads = setup()
+    rec = Recorder()
+    for i, g in enumerate(grads):
+        sf, se = fused.run(g, "fused_pieces", rec), eager.run(g, "eager")
+        same(fused, eager, sf, se, f"step {i}")
+    assert rec.kept_given == [False] + [True] * (len(grads) - 1), rec.kept_given
+    assert rec.flags == [0.0] * len(grads), rec.flags
+    assert bool((se[0] < 1).any()), "the cap never bound"
+    kept = fused.work.products[fused.flat]
+    want = []
+    for part, x in ((p, v) for p, v in zip(zero_unit(fused.flat, fused.layout).parts, fused.w_vecs) if v is not None):
+        m, n = part.layout.dims
+        full = torch.zeros(m * n)
+        full[part.layout.start : part.layout.start + part.numel] = fused.flat[part.offset : part.offset + part.numel]
+        a = full.view(m, n)
+        want.append(a @ x if n <= m else a.t() @ x)  # B x, B = A (tall) or Aᵀ (wide): zeros off this rank's piece
+    torch.testing.assert_close(kept, torch.cat(want), rtol=1e-5, atol=1e-6)
+
+
+def check_stale(edit: str) -> None:
+    """Between steps, rank 1 alone edits its weights (or resets its x_W): pass 2 flags the kept product there, both
+    ranks repeat the W half, and the step equals the eager one on the edited state."""
+    rank, fused, eager, grads = setup()
+    rec = Recorder()
+    for i, g in enumerate(grads):
+        if i == 3 and rank == 1:
+            for run in (fused, eager):
+                if edit == "weights":
+                    run.flat.mul_(3.0)
+                else:
+                    for v in run.w_vecs:
+                        if v is not None:
+                            v.copy_(initial_vector(v.numel()).flip(0) / 1.0)
+        sf, se = fused.run(g, "fused_pieces", rec), eager.run(g, "eager")
+        same(fused, eager, sf, se, f"step {i} after rank 1 edited its {edit}")
+    flags = torch.tensor(rec.flags)
+    assert flags[3] > 0 and (flags[:3] == 0).all() and (flags[4:] == 0).all(), rec.flags  # reduced: both ranks see it
+
+
+def check_all_finite() -> None:
+    kernel = cpu_kernel()
+    base = torch.randn(100_003)
+    assert kernel.all_finite(base)
+    for value in (float("inf"), float("-inf"), float("nan")):
+        for pos in (0, 77_777, 100_002):
+            t = base.clone()
+            t[pos] = value
+            assert not kernel.all_finite(t), (value, pos)
+    extreme = torch.tensor([3.4028235e38, -3.4028235e38, 1e-45, -0.0, 0.0])
+    assert kernel.all_finite(extreme)
+    assert kernel.all_finite(torch.zeros(0))
+
+
+CHECKS = {
+    "steady": check_steady,
+    "stale_weights": lambda: check_stale("weights"),
+    "stale_vectors": lambda: check_stale("vectors"),
+    "all_finite": check_all_finite,
+}
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    names = sys.argv[1:-1] or list(CHECKS)
+    run_checks({n: CHECKS[n] for n in names}, sys.argv[-1])
+    dist.destroy_process_group()
