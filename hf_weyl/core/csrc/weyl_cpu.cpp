@@ -35,6 +35,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // 32 lanes: two independent vector accumulators (AVX-512; four with AVX2), so a dot product is not bound by
@@ -94,6 +98,17 @@ float subnormal_guard(float s) {
   return 1.f;
 }
 
+// The end of a row's dot product over kLanes lanes: their pairwise sum, then the elements [j, n) by FMAs.
+inline float finish_lanes(float* acc, const float* a, const float* x, int64_t j, int64_t n) {
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+#pragma omp simd
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  }
+  float sum = acc[0];
+  for (; j < n; ++j) sum = std::fma(a[j], x[j], sum);
+  return sum;
+}
+
 float dot(const float* a, const float* b, int64_t n) {
   float acc[kLanes] = {0.f};
   int64_t j = 0;
@@ -115,10 +130,12 @@ inline void axpy(float* out, const float* a, float s, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] += a[j] * s;
 }
 
-// R consecutive rows (stride n) at once: out[r] = dot(a + r n, x, n) and out += Σ_r s[r] · a[r n ..], each with the
-// rounding of the one-row functions above (per row the same lanes and pairwise sum; per column the same FMAs in
-// row order), so a result never depends on how rows were grouped. Grouping shares the loads of x and of `out`
-// between rows and runs R independent chains.
+// R consecutive rows (stride n) at once: out[r] = dot(a + r n, x, n) and out += Σ_r s[r] · a[r n ..]. Every product
+// of row pieces but pass 1's of U goes through these two: per row kLanes lanes, lane l summing the elements
+// j ≡ l (mod kLanes) of the whole kLanes-blocks by FMAs in order, then the pairwise sum and the tail by FMAs; per
+// column FMAs in row order. A result therefore never depends on how rows were grouped or which pass computed it:
+// the update's B_W x_W, pass 2's check of it and pass 1's (no kept product) agree bit for bit. Grouping shares the
+// loads of x and of `out` between rows and runs R independent chains.
 template <int R>
 void dot_rows(const float* a, int64_t n, const float* x, float* out) {
   float acc[R][kLanes] = {};
@@ -126,18 +143,10 @@ void dot_rows(const float* a, int64_t n, const float* x, float* out) {
   for (; j + kLanes <= n; j += kLanes) {
     for (int r = 0; r < R; ++r) {
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) acc[r][l] += a[r * n + j + l] * x[j + l];
+      for (int l = 0; l < kLanes; ++l) acc[r][l] = std::fma(a[r * n + j + l], x[j + l], acc[r][l]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int width = kLanes / 2; width > 0; width /= 2) {
-#pragma omp simd
-      for (int l = 0; l < width; ++l) acc[r][l] += acc[r][l + width];
-    }
-    float sum = acc[r][0];
-    for (int64_t k = j; k < n; ++k) sum += a[r * n + k] * x[k];
-    out[r] = sum;
-  }
+  for (int r = 0; r < R; ++r) out[r] = finish_lanes(acc[r], a + r * n, x, j, n);
 }
 
 template <int R>
@@ -147,7 +156,7 @@ void axpy_rows(float* out, const float* a, int64_t n, const float* s) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float acc = out[j];
-    for (int r = 0; r < R; ++r) acc += a[r * n + j] * sc[r];
+    for (int r = 0; r < R; ++r) acc = std::fma(a[r * n + j], sc[r], acc);
     out[j] = acc;
   }
 }
@@ -605,6 +614,70 @@ struct Moments {
   }
 };
 
+#if defined(__AVX512F__)
+// Moments and U of one row stretch [base, base + len) with U written by streaming stores (U is read back by the next
+// passes only, after the whole partition: bringing its old bytes into the cache first would be one more read of it),
+// and U's product with the row taken on the way, while the row is in registers: `dot` (B x, B = A: a row's
+// output), else `axpy` (B x, B = Aᵀ: p[j] += U[j] s over the row's columns; p: this thread's partial sums). The
+// arithmetic per element is Moments::run's; the lanes of the dot differ from ::dot (this product is pass 1's alone).
+struct StreamMoments {
+  __m512 b1, b2, c1, c2, eps, i1, i2;
+  explicit StreamMoments(const Moments& mo)
+      : b1(_mm512_set1_ps(mo.b1)), b2(_mm512_set1_ps(mo.b2)), c1(_mm512_set1_ps(mo.c1)), c2(_mm512_set1_ps(mo.c2)),
+        eps(_mm512_set1_ps(mo.eps)), i1(_mm512_set1_ps(mo.inv_bc1)), i2(_mm512_set1_ps(mo.inv_bc2_sqrt)) {}
+
+  // U of the lanes in `mask` of g, m, v at j (m and v updated there).
+  inline __m512 step(const float* g, float* m, float* v, int64_t j, __mmask16 mask) const {
+    const __m512 gj = _mm512_maskz_loadu_ps(mask, g + j);
+    const __m512 mj = _mm512_fmadd_ps(b1, _mm512_maskz_loadu_ps(mask, m + j), _mm512_mul_ps(c1, gj));
+    const __m512 vj = _mm512_fmadd_ps(b2, _mm512_maskz_loadu_ps(mask, v + j), _mm512_mul_ps(_mm512_mul_ps(c2, gj), gj));
+    _mm512_mask_storeu_ps(m + j, mask, mj);
+    _mm512_mask_storeu_ps(v + j, mask, vj);
+    return _mm512_div_ps(_mm512_mul_ps(mj, i1), _mm512_fmadd_ps(_mm512_sqrt_ps(vj), i2, eps));
+  }
+
+  // kind: 0 no product, 1 dot with x (returned), 2 axpy into p with scale s. x and p are indexed like the row.
+  template <int kind>
+  inline float row(const float* g, float* m, float* v, float* u, int64_t base, int64_t len, const float* x, float* p,
+                   float s) const {
+    g += base, m += base, v += base, u += base;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    const __m512 sv = _mm512_set1_ps(s);
+    auto product = [&](__m512 q, int64_t j, __mmask16 mask, bool odd) {
+      if constexpr (kind == 1) {
+        const __m512 t = _mm512_maskz_mul_ps(mask, q, _mm512_maskz_loadu_ps(mask, x + j));
+        if (odd) acc1 = _mm512_add_ps(acc1, t); else acc0 = _mm512_add_ps(acc0, t);
+      } else if constexpr (kind == 2) {
+        _mm512_mask_storeu_ps(p + j, mask, _mm512_fmadd_ps(q, sv, _mm512_maskz_loadu_ps(mask, p + j)));
+      }
+    };
+    const int64_t head = std::min<int64_t>(len, (16 - int64_t((reinterpret_cast<uintptr_t>(u) / 4) % 16)) % 16);
+    int64_t j = 0;
+    if (head > 0) {  // up to the first 64-byte boundary of U
+      const __mmask16 mask = __mmask16((1u << head) - 1u);
+      const __m512 q = step(g, m, v, 0, mask);
+      _mm512_mask_storeu_ps(u, mask, q);
+      product(q, 0, mask, false);
+      j = head;
+    }
+    bool odd = true;
+    for (; j + 16 <= len; j += 16, odd = !odd) {
+      const __m512 q = step(g, m, v, j, __mmask16(0xFFFF));
+      _mm512_stream_ps(u + j, q);
+      product(q, j, __mmask16(0xFFFF), odd);
+    }
+    if (j < len) {
+      const __mmask16 mask = __mmask16((1u << (len - j)) - 1u);
+      const __m512 q = step(g, m, v, j, mask);
+      _mm512_mask_storeu_ps(u + j, mask, q);
+      product(q, j, mask, odd);
+    }
+    return kind == 1 ? _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) : 0.f;
+  }
+};
+
+#endif
+
 void check_flat(const at::Tensor& t, int64_t partition, const char* what) {
   TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat && t.device().is_cpu(),
               "hf_weyl cpu kernel: ", what, " must be a contiguous fp32 CPU tensor");
@@ -646,11 +719,54 @@ at::Tensor pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at
   float* const v = exp_avg_sq.data_ptr<float>();
   float* const u = work.data_ptr<float>();
   const auto gaps = span_tasks(gap_offsets, gap_numels, std::vector<double>(gap_offsets.size(), 0.0), partition);
+  at::Tensor out = at::zeros({2 * long_total}, at::kFloat);
+  const float* const kept = kept_of(kept_bw, long_total);
+#if defined(__AVX512F__)
+  // U streamed out, its product taken in registers (StreamMoments); with no kept product, B_W x_W from the rows of W
+  // by the row functions, as the update computes it. (Every AVX-512 pass 1 takes this path, with or without a kept
+  // product, so that a resumed run, which has none at first, computes what the uninterrupted one does.)
+  const StreamMoments sm(mo);
+  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, &sm, g, m, v, u](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) sm.row<0>(g, m, v, u, gaps[t].offset, gaps[t].numel, nullptr, nullptr, 0.f);
+    _mm_sfence();
+  });
+  PieceProducts bw, bu;
+  if (kept != nullptr) {
+    std::copy(kept, kept + long_total, out.data_ptr<float>());
+  } else {
+    bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), out.data_ptr<float>());
+  }
+  bu.start(pieces, long_is_dot, long_len, short_len, x_u.data_ptr<float>(), out.data_ptr<float>() + long_total);
+  const auto tasks = row_tasks(pieces);
+  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    for (int64_t t = begin; t < end; ++t) {
+      const RowTask& task = tasks[t];
+      const PieceRef& p = pieces[task.piece];
+      const int64_t i = task.piece, n = p.cols, base0 = p.offset - p.start;
+      const int64_t first = p.r_first(), last = p.r_last(), c_first = p.c_begin(first), c_last = p.c_end(last);
+      const float* const xv = bu.vec + bu.vec_at[i];
+      float* const part = bu.partial.data() + static_cast<int64_t>(tid) * bu.axpy_total + bu.axpy_at[i];
+      for (int64_t r = task.r0; r < task.r1; ++r) {
+        const int64_t c0 = r == first ? c_first : 0, len = (r == last ? c_last : n) - c0;
+        const int64_t base = base0 + r * n + c0;
+        if (bu.dot[i]) {
+          bu.out[bu.out_at[i] + r] = sm.row<1>(g, m, v, u, base, len, xv + c0, nullptr, 0.f);
+        } else {
+          sm.row<2>(g, m, v, u, base, len, nullptr, part + c0, xv[r]);
+        }
+        if (kept == nullptr) bw.segment(i, w + base, r, 1, c0, len, tid);
+      }
+    }
+    _mm_sfence();
+  });
+  if (kept == nullptr) bw.finish(pieces);
+  bu.finish(pieces);
+  return out;
+#else
   at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, mo, g, m, v, u](int64_t b, int64_t e) {  // moments and U only
     for (int64_t t = b; t < e; ++t) mo.run(g, m, v, u, gaps[t].offset, gaps[t].numel);
   });
-  at::Tensor out = at::zeros({2 * long_total}, at::kFloat);
-  const float* const kept = kept_of(kept_bw, long_total);
   PieceProducts bw, bu;
   if (kept != nullptr) {
     std::copy(kept, kept + long_total, out.data_ptr<float>());
@@ -668,6 +784,7 @@ at::Tensor pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at
   if (read_w) bw.finish(pieces);
   bu.finish(pieces);
   return out;
+#endif
 }
 
 std::vector<at::Tensor> pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets,
