@@ -297,8 +297,9 @@ class WorkBuffer:
             buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf
 
-    def constant(self, key: tuple, make) -> Tensor:
-        """A small tensor kept under ``key`` (made by ``make()`` the first time); see :func:`constant_tensor`."""
+    def constant(self, key: tuple, make):
+        """A small value kept under ``key`` (made by ``make()`` the first time): a tensor (:func:`constant_tensor`) or
+        the fused pieces step's plan of a partition."""
         value = self._constants.get(key)
         if value is None:
             if len(self._constants) >= 64:
@@ -704,5 +705,6 @@ class _PiecesPlan:
 
 
 def _pieces_plan(work: WorkBuffer, numel: int, parts: list[Part]) -> _PiecesPlan:
+    """The plan of a partition of ``numel`` elements holding these capped parts, made once per layout."""
     key = ("pieces", numel, tuple((p.offset, p.numel, p.layout.start, p.layout.dims) for p in parts))
     return work.constant(key, lambda: _PiecesPlan(numel, parts))
