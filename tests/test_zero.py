@@ -78,13 +78,15 @@ def _free_port() -> int:
 DS_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
-def _run(args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], env=DS_ENV, capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str], timeout: int = 420, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env={**DS_ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def _torchrun(script: str, out: Path, *args: str, ranks: int = 2, timeout: int = 420) -> dict[str, str]:
+def _torchrun(script: str, out: Path, *args: str, ranks: int = 2, timeout: int = 420,
+              env: dict[str, str] | None = None) -> dict[str, str]:
     proc = _run(["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(_free_port()),
-                 str(SCRIPTS / script), *args, str(out)], timeout)
+                 str(SCRIPTS / script), *args, str(out)], timeout, env)
     if not out.exists():
         pytest.fail(f"{script} wrote no results (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -95,9 +97,12 @@ def zero_results(tmp_path_factory):
     return _torchrun("zero_checks.py", tmp_path_factory.mktemp("zero") / "results.json")
 
 
-@pytest.fixture(scope="module")
-def pieces_results(tmp_path_factory):
-    return _torchrun("pieces_checks.py", tmp_path_factory.mktemp("pieces") / "results.json")
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def pieces_results(request, tmp_path_factory):
+    """The checks with the kernel built for this CPU (AVX-512 here: U streamed in pass 1), and built for AVX2 (torch
+    told so: ``ATEN_CPU_CAPABILITY``), the loop other CPUs take."""
+    env = {} if request.param == "native" else {"ATEN_CPU_CAPABILITY": request.param}
+    return _torchrun("pieces_checks.py", tmp_path_factory.mktemp("pieces") / "results.json", env=env)
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,17 @@ float subnormal_guard(float s) {
   return 1.f;
 }
 
+// a · b + c rounded once where the CPU has a fused multiply-add (one instruction), else rounded twice: the same in
+// every pass either way, which is what the row products below need (std::fma without the instruction is a slow
+// library call).
+inline float fmadd(float a, float b, float c) {
+#if defined(__FMA__) || defined(__aarch64__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // The end of a row's dot product over kLanes lanes: their pairwise sum, then the elements [j, n) by FMAs.
 inline float finish_lanes(float* acc, const float* a, const float* x, int64_t j, int64_t n) {
   for (int width = kLanes / 2; width > 0; width /= 2) {
@@ -105,7 +116,7 @@ inline float finish_lanes(float* acc, const float* a, const float* x, int64_t j,
     for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
   }
   float sum = acc[0];
-  for (; j < n; ++j) sum = std::fma(a[j], x[j], sum);
+  for (; j < n; ++j) sum = fmadd(a[j], x[j], sum);
   return sum;
 }
 
@@ -143,7 +154,7 @@ void dot_rows(const float* a, int64_t n, const float* x, float* out) {
   for (; j + kLanes <= n; j += kLanes) {
     for (int r = 0; r < R; ++r) {
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) acc[r][l] = std::fma(a[r * n + j + l], x[j + l], acc[r][l]);
+      for (int l = 0; l < kLanes; ++l) acc[r][l] = fmadd(a[r * n + j + l], x[j + l], acc[r][l]);
     }
   }
   for (int r = 0; r < R; ++r) out[r] = finish_lanes(acc[r], a + r * n, x, j, n);
@@ -156,7 +167,7 @@ void axpy_rows(float* out, const float* a, int64_t n, const float* s) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float acc = out[j];
-    for (int r = 0; r < R; ++r) acc = std::fma(a[r * n + j], sc[r], acc);
+    for (int r = 0; r < R; ++r) acc = fmadd(a[r * n + j], sc[r], acc);
     out[j] = acc;
   }
 }
