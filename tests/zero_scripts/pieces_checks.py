@@ -5,8 +5,10 @@ start and end mid-row, tall and wide matrices, uncapped vectors and padding in b
     torchrun --nproc_per_node 2 tests/zero_scripts/pieces_checks.py [CHECK ...] OUT.json
 
 The update keeps each piece's partial B_W x_W for the next step (``WorkBuffer.products``); pass 2 checks that it is
-still B_W x_W of the weights and x_W. These checks edit the weights, or the vectors, on one rank between steps: both
-ranks must then repeat the W half of the power step and equal the eager step on the edited state.
+still B_W x_W of the weights and x_W. ``stale_*`` edit the weights, or the vectors, on one rank between steps: both
+ranks must then repeat the W half of the power step and equal the eager step on the edited state;
+``kept_equals_fresh``: a step with nothing kept (a resumed run's first) computes what the kept product gives, bit for
+bit.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def check_stale(edit: str) -> None:
                 else:
                     for v in run.w_vecs:
                         if v is not None:
-                            v.copy_(initial_vector(v.numel()).flip(0) / 1.0)
+                            v.copy_(initial_vector(v.numel()).flip(0))
         sf, se = fused.run(g, "fused_pieces", rec), eager.run(g, "eager")
         same(fused, eager, sf, se, f"step {i} after rank 1 edited its {edit}")
     flags = torch.tensor(rec.flags)
