@@ -282,17 +282,39 @@ def check_offload_equals_no_offload(stage, steps=3, **cfg):
         assert abs(s0[name][0] - s1[name][0]) <= tol * 10, f"{name} lr ratio {s0[name][0]} vs {s1[name][0]}"
 
 
+class _KernelRecorder:
+    """The CPU kernel, recording per call of the fused pieces step whether pass 1 got a kept B_W x_W and pass 2's
+    (reduced, read after the step) stale flag."""
+
+    def __init__(self, kernel, log):
+        self._kernel, self._log = kernel, log
+
+    def __getattr__(self, name):
+        return getattr(self._kernel, name)
+
+    def pieces_pass1(self, *args):
+        self._log.append({"flat": id(args[0]), "kept": args[-1].numel() > 0, "pass2": []})
+        return self._kernel.pieces_pass1(*args)
+
+    def pieces_pass2(self, *args):
+        out, fresh = self._kernel.pieces_pass2(*args)
+        self._log[-1]["pass2"].append(out)
+        return out, fresh
+
+
 def check_fused_pieces(stage, **cfg):
     """Past the fresh steps, a CPU fp32 partition takes the fused kernel on its pieces (three passes, two vector
     all-reduces): weights and stats equal to the eager ZeRO step (HF_WEYL_CPU_KERNEL=0) and to the single-process
-    run to float rounding, with the cap binding."""
+    run to float rounding, with the cap binding. Inside DeepSpeed's step the kept B_W x_W is used from the second
+    fused step of each partition on and always found valid (nothing between steps touches the fp32 partition)."""
     import hf_weyl.core.functional as fn
     from hf_weyl.core.functional import FRESH_STEPS
 
     steps = FRESH_STEPS + 4
     calls = []
+    log = []
     real = fn._fused_pieces_step
-    fn._fused_pieces_step = lambda *a, **k: calls.append(1) or real(*a, **k)
+    fn._fused_pieces_step = lambda kernel, *a, **k: calls.append(1) or real(_KernelRecorder(kernel, log), *a, **k)
     runs = []
     try:
         for disabled in ("0", "1"):  # the eager ZeRO step, then the fused one
@@ -304,6 +326,13 @@ def check_fused_pieces(stage, **cfg):
         os.environ.pop("HF_WEYL_CPU_KERNEL", None)
         fn._fused_pieces_step = real
     assert calls, "the fused ZeRO step never ran"
+    per_flat = {}
+    for entry in log:
+        per_flat.setdefault(entry["flat"], []).append(entry["kept"])
+    for kept in per_flat.values():  # nothing kept at a partition's first fused step, then always
+        assert len(kept) >= 2 and kept == [False] + [True] * (len(kept) - 1), kept
+    flags = [float(out[-1]) for entry in log for out in entry["pass2"]]
+    assert flags == [0.0] * len(log), flags  # one pass 2 per step, never a repeat
     (w_eager, s_eager), (w_fused, s_fused) = runs
     ref_model, ref_opt = reference(steps)
     assert any(r < 1 for r, *_ in s_fused.values()), "the cap never bound"
