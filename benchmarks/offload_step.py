@@ -38,9 +38,10 @@ from hf_weyl.distributed import LAYOUT_SIGMA
 from hf_weyl.integrations.deepspeed import DeepSpeedZeroAdapter, ZeroLayout, nonfinite_anywhere, zero_unit
 
 
-def partition(shapes: list[torch.Size], rank: int, world: int) -> tuple[int, ZeroLayout]:
-    """This rank's partition size and the layout of the parameters' pieces in it (as ZeRO-1/2 cut a flat group)."""
-    sizes = [s.numel() for s in shapes]
+def partition(shapes: list[torch.Size], rank: int, world: int, padding: int = 0) -> tuple[int, ZeroLayout]:
+    """This rank's partition size and the layout of the parameters' pieces in it (as ZeRO-1/2 cut a flat group),
+    with ``padding`` elements after the data of every partition."""
+    sizes = [torch.Size(s).numel() for s in shapes]
     total = sum(sizes)
     per = -(-total // world)
     lo, hi = rank * per, min((rank + 1) * per, total)
@@ -52,7 +53,7 @@ def partition(shapes: list[torch.Size], rank: int, world: int) -> tuple[int, Zer
         numels.append(max(0, b - a))
         pos += size
     params = [torch.empty(0) for _ in shapes]  # (stand-ins: the step reads shapes and pieces only)
-    return per, ZeroLayout(params, list(shapes), offsets, starts, numels, dist.group.WORLD, stage=2)
+    return per + padding, ZeroLayout(params, list(shapes), offsets, starts, numels, dist.group.WORLD, stage=2)
 
 
 def main() -> None:

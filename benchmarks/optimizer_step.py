@@ -35,6 +35,7 @@ import time
 from collections import Counter
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_weyl import AdamWeyl
 from hf_weyl.core import functional
@@ -169,24 +170,25 @@ def peak_memory(name: str, regime: str, device: str, dtype: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (a TorchDispatchMode sees every op below autograd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def count_ops(shapes, device: str, name: str) -> Counter:
-    """aten ops dispatched by one warm step (TorchDispatchMode sees every op below autograd)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: Counter = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func.overloadpacket)] += 1
-            return func(*args, **(kwargs or {}))
-
+    """aten ops dispatched by one warm step."""
     opt = build(name.replace("_eager", ""), make_params(shapes, device, torch.float32))
     opt = _Eager(opt) if name.endswith("_eager") else opt
     for _ in range(functional.FRESH_STEPS):  # cold start and fresh steps (more σ_U iterations) before the warm step
         opt.step()
-    with Count() as mode:
+    with CountOps() as mode:
         opt.step()
     return mode.ops
 

@@ -10,29 +10,17 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_tiny_gpt2, token_batches
+from optimizer_step import CountOps, gpt2_shapes
 from hf_weyl import AdamWeyl
 from hf_weyl.core import functional, power_iteration
 from hf_weyl.core.power_iteration import StackCache, initial_vector, power_iteration_
 
 
-class CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def gpt2_small_params(device: str) -> list[torch.Tensor]:
     """GPT-2 small's 148 parameter shapes (tied head), with gradients."""
-    d = 768
-    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    shapes = [(50257, d), (1024, d)] + block * 12 + [(d,), (d,)]
+    shapes = gpt2_shapes(768)
     params = [torch.empty(s, device=device, requires_grad=True) for s in shapes]
     for p in params:
         p.grad = torch.empty_like(p)

@@ -59,6 +59,7 @@ from .internals.deepspeed import (
     optional,
     private,
     skips_nonfinite_steps,
+    tested_version,
 )
 
 __all__ = [
@@ -168,9 +169,8 @@ def check_active_deepspeed_config() -> None:
 def _warn_if_untested_version() -> None:
     import deepspeed
 
-    parts = tuple(int(x) for x in deepspeed.__version__.split("+")[0].split(".")[:2])
     low, high = TESTED_DEEPSPEED
-    if not (low <= parts < high):
+    if not tested_version():
         warnings.warn(
             f"AdamWeyl's ZeRO path reads DeepSpeed's private fragment bookkeeping and is tested with DeepSpeed "
             f">={low[0]}.{low[1]},<{high[0]}.{high[1]}; found {deepspeed.__version__}. The mapping is verified "

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "benchmarks"))
+from offload_step import partition  # noqa: E402
 from rank_checks import run_checks  # noqa: E402
 
 from hf_weyl.core.cpu_kernel import cpu_kernel  # noqa: E402
@@ -30,22 +32,6 @@ from hf_weyl.integrations.deepspeed import ZeroLayout, zero_unit  # noqa: E402
 
 SHAPES = [torch.Size(s) for s in ((37, 11), (64,), (9, 40), (5, 3, 4), (70, 48), (23, 23), (7,), (9, 80), (13, 50))]
 HYPER = dict(lr=0.02, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, tau=0.002)
-
-
-def partition(rank: int, world: int) -> tuple[int, ZeroLayout]:
-    """This rank's flat partition size (with padding) and its pieces, as ZeRO-1/2 cut a flat group."""
-    sizes = [s.numel() for s in SHAPES]
-    total = sum(sizes)
-    per = -(-total // world) + 3  # + padding at the end of every partition
-    lo, hi = rank * (per - 3), min((rank + 1) * (per - 3), total)
-    offsets, starts, numels, pos = [], [], [], 0
-    for size in sizes:
-        a, b = max(pos, lo), min(pos + size, hi)
-        offsets.append(a - lo if b > a else 0)
-        starts.append(a - pos if b > a else 0)
-        numels.append(max(0, b - a))
-        pos += size
-    return per, ZeroLayout([torch.empty(0) for _ in SHAPES], SHAPES, offsets, starts, numels, dist.group.WORLD, stage=2)
 
 
 class Run:
@@ -95,7 +81,7 @@ class Recorder:
 
 def setup(seed: int = 0):
     rank, world = dist.get_rank(), dist.get_world_size()
-    numel, layout = partition(rank, world)
+    numel, layout = partition(SHAPES, rank, world, padding=3)  # + padding at the end of every partition
     gen = torch.Generator().manual_seed(100 + rank)
     flat = torch.randn(numel, generator=gen)
     fused, eager = Run(flat, layout), Run(flat, layout)

@@ -581,9 +581,13 @@ struct PieceProducts {
 
 // fn(piece index, first row, rows, first column, length, position in the partition, thread) for every row segment:
 // a row cut by the piece's start or end alone, whole rows in groups of up to kRowBlock (then length = columns, and
-// the group's elements are contiguous).
-template <typename Fn>
-void for_row_segments(const std::vector<PieceRef>& pieces, const std::vector<RowTask>& tasks, Fn fn) {
+// the group's elements are contiguous); then done() on each thread that ran some (e.g. a store fence).
+struct NoEpilogue {
+  void operator()() const {}
+};
+
+template <typename Fn, typename Done = NoEpilogue>
+void for_row_segments(const std::vector<PieceRef>& pieces, const std::vector<RowTask>& tasks, Fn fn, Done done = {}) {
   at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
     for (int64_t t = begin; t < end; ++t) {
@@ -606,6 +610,7 @@ void for_row_segments(const std::vector<PieceRef>& pieces, const std::vector<Row
       }
       if (r < task.r1) fn(task.piece, r, 1, int64_t(0), c_last, base0 + r * n, tid);  // a row cut by the piece's end
     }
+    done();
   });
 }
 
@@ -732,6 +737,14 @@ at::Tensor pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at
   const auto gaps = span_tasks(gap_offsets, gap_numels, std::vector<double>(gap_offsets.size(), 0.0), partition);
   at::Tensor out = at::zeros({2 * long_total}, at::kFloat);
   const float* const kept = kept_of(kept_bw, long_total);
+  const bool read_w = kept == nullptr;
+  PieceProducts bw, bu;
+  if (read_w) {
+    bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), out.data_ptr<float>());
+  } else {
+    std::copy(kept, kept + long_total, out.data_ptr<float>());
+  }
+  bu.start(pieces, long_is_dot, long_len, short_len, x_u.data_ptr<float>(), out.data_ptr<float>() + long_total);
 #if defined(__AVX512F__)
   // U streamed out, its product taken in registers (StreamMoments); with no kept product, B_W x_W from the rows of W
   // by the row functions, as the update computes it. (Every AVX-512 pass 1 takes this path, with or without a kept
@@ -741,61 +754,35 @@ at::Tensor pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at
     for (int64_t t = b; t < e; ++t) sm.row<0>(g, m, v, u, gaps[t].offset, gaps[t].numel, nullptr, nullptr, 0.f);
     _mm_sfence();
   });
-  PieceProducts bw, bu;
-  if (kept != nullptr) {
-    std::copy(kept, kept + long_total, out.data_ptr<float>());
-  } else {
-    bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), out.data_ptr<float>());
-  }
-  bu.start(pieces, long_is_dot, long_len, short_len, x_u.data_ptr<float>(), out.data_ptr<float>() + long_total);
-  const auto tasks = row_tasks(pieces);
-  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    const int tid = at::get_thread_num();
-    for (int64_t t = begin; t < end; ++t) {
-      const RowTask& task = tasks[t];
-      const PieceRef& p = pieces[task.piece];
-      const int64_t i = task.piece, n = p.cols, base0 = p.offset - p.start;
-      const int64_t first = p.r_first(), last = p.r_last(), c_first = p.c_begin(first), c_last = p.c_end(last);
-      const float* const xv = bu.vec + bu.vec_at[i];
-      float* const part = bu.partial.data() + static_cast<int64_t>(tid) * bu.axpy_total + bu.axpy_at[i];
-      for (int64_t r = task.r0; r < task.r1; ++r) {
-        const int64_t c0 = r == first ? c_first : 0, len = (r == last ? c_last : n) - c0;
-        const int64_t base = base0 + r * n + c0;
-        if (bu.dot[i]) {
-          bu.out[bu.out_at[i] + r] = sm.row<1>(g, m, v, u, base, len, xv + c0, nullptr, 0.f);
+  for_row_segments(
+      pieces, row_tasks(pieces),
+      [&bw, &bu, sm, g, m, v, u, w, read_w](int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base,
+                                            int tid) {
+        const float* const xv = bu.vec + bu.vec_at[i];
+        if (bu.dot[i]) {  // (rows > 1: whole rows, len apart)
+          float* const o = bu.out + bu.out_at[i] + r;
+          for (int k = 0; k < rows; ++k) o[k] = sm.row<1>(g, m, v, u, base + k * len, len, xv + c0, nullptr, 0.f);
         } else {
-          sm.row<2>(g, m, v, u, base, len, nullptr, part + c0, xv[r]);
+          float* const part = bu.partial.data() + static_cast<int64_t>(tid) * bu.axpy_total + bu.axpy_at[i] + c0;
+          for (int k = 0; k < rows; ++k) sm.row<2>(g, m, v, u, base + k * len, len, nullptr, part, xv[r + k]);
         }
-        if (kept == nullptr) bw.segment(i, w + base, r, 1, c0, len, tid);
-      }
-    }
-    _mm_sfence();
-  });
-  if (kept == nullptr) bw.finish(pieces);
-  bu.finish(pieces);
-  return out;
+        if (read_w) bw.segment(i, w + base, r, rows, c0, len, tid);
+      },
+      [] { _mm_sfence(); });
 #else
   at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, mo, g, m, v, u](int64_t b, int64_t e) {  // moments and U only
     for (int64_t t = b; t < e; ++t) mo.run(g, m, v, u, gaps[t].offset, gaps[t].numel);
   });
-  PieceProducts bw, bu;
-  if (kept != nullptr) {
-    std::copy(kept, kept + long_total, out.data_ptr<float>());
-  } else {
-    bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), out.data_ptr<float>());
-  }
-  bu.start(pieces, long_is_dot, long_len, short_len, x_u.data_ptr<float>(), out.data_ptr<float>() + long_total);
-  const bool read_w = kept == nullptr;
   for_row_segments(pieces, row_tasks(pieces), [&bw, &bu, mo, g, m, v, u, w, read_w](
                                                   int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base, int tid) {
     mo.run(g, m, v, u, base, rows * len);
     if (read_w) bw.segment(i, w + base, r, rows, c0, len, tid);
     bu.segment(i, u + base, r, rows, c0, len, tid);
   });
+#endif
   if (read_w) bw.finish(pieces);
   bu.finish(pieces);
   return out;
-#endif
 }
 
 std::vector<at::Tensor> pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets,

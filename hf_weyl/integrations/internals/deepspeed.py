@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from . import library_version, read
 
 __all__ = [
@@ -92,10 +94,5 @@ def skips_nonfinite_steps(params: list[Any], stage: int) -> bool:
     if zero_opt is None:
         return False
     norm, dtype, checks = (getattr(zero_opt, name, None) for name in ("compute_grad_norm", "dtype", "check_grad_overflow"))
-    return norm is True and dtype is not None and (dtype != _bf16() or checks is True)
+    return norm is True and dtype is not None and (dtype != torch.bfloat16 or checks is True)
 
-
-def _bf16() -> Any:
-    import torch
-
-    return torch.bfloat16
