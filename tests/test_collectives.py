@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import threading
+import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -51,7 +54,9 @@ def test_all_reduce_moves_to_the_collective_device_and_back(backend, monkeypatch
     backend("nccl")
     seen = []
     monkeypatch.setattr(collectives, "collective_device", lambda t, group: torch.device("meta"))
-    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: seen.append(t.device))
+    done = type("Done", (), {"wait": lambda self: None})()
+    monkeypatch.setattr(dist, "all_reduce",
+                        lambda t, op=None, group=None, async_op=False: seen.append(t.device) or done)
     t = torch.ones(4)
     monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src: seen.append(("copy_back", src.device)) or self)
     collectives.all_reduce_(t, None)
@@ -70,3 +75,26 @@ def test_every_collective_of_the_package_goes_through_collectives_py():
                     and node.value.id == "dist":
                 offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} dist.{node.attr}")
     assert not offenders, offenders
+
+
+def test_a_collectives_tensors_are_released_by_the_caller_not_by_gloos_worker():
+    """gloo's worker thread must never drop the last reference to a collective's tensor: that takes the GIL, and a
+    process exiting right after its last collective then aborts at interpreter shutdown (seen as a SIGABRT,
+    "terminate called without an active exception", in scripts/gpu_check.py fsdp2). The collective's Work is kept
+    until the next collective, which releases it on the calling thread."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        released = []
+
+        def one_collective():
+            t = torch.ones(4)
+            weakref.finalize(t, lambda: released.append(threading.get_ident()))
+            collectives.all_reduce_(t, dist.group.WORLD)
+
+        one_collective()
+        time.sleep(0.2)  # ample time for gloo's worker to be done with the collective
+        assert released == [], "the collective's tensor was released before the next collective"
+        collectives.all_reduce_(torch.ones(4), dist.group.WORLD)
+        assert released == [threading.get_ident()]
+    finally:
+        dist.destroy_process_group()

@@ -7,6 +7,14 @@ takes CUDA tensors only. Every collective here asks the group's backend which de
 devices it names) and, for a CPU tensor it cannot take, reduces a copy on the current accelerator and copies
 the result back — a few KiB of vectors per power iteration, not matrices. The decision depends only on the
 backend and the tensor's device, which are the same on every rank, so every rank makes the same calls.
+
+Each collective's ``Work`` is kept until the next one (``KEPT_WORK``). The reason is gloo's worker thread: in
+torch 2.13 the worker that ran a collective drops its reference to the collective's tensors after it has
+woken the caller. If that is the last reference to a tensor with a Python object, the worker must take the
+GIL to release it. A process that exits within a few milliseconds of its last collective can then reach
+interpreter shutdown with the worker waiting for the GIL; the worker is ended inside a C++ destructor and the
+process aborts ("terminate called without an active exception") after its work is done. Kept, the ``Work``
+is released later by the thread that replaces it, which holds the GIL, so the worker never needs it.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["COMM_STATS", "all_gather", "all_reduce_", "collective_device"]
+__all__ = ["COMM_STATS", "KEPT_WORK", "all_gather", "all_reduce_", "collective_device"]
 
 
 class _Comm:
@@ -37,6 +45,21 @@ class _Comm:
 
 
 COMM_STATS = _Comm()
+
+
+class _KeptWork:
+    """The last collective's ``Work``, kept so that its tensors are released by this thread (see above)."""
+
+    def __init__(self) -> None:
+        self.work: Any = None
+
+    def wait(self, work: Any) -> None:
+        """Wait for ``work`` and keep it in place of the one before."""
+        work.wait()
+        self.work = work
+
+
+KEPT_WORK = _KeptWork()
 
 
 def _served_devices(group: Any) -> set[str]:
@@ -69,10 +92,10 @@ def all_reduce_(t: Tensor, group: Any, op: Any = None) -> None:
     op = dist.ReduceOp.SUM if op is None else op
     device = collective_device(t, group)
     if device == t.device:
-        dist.all_reduce(t, op=op, group=group)
+        KEPT_WORK.wait(dist.all_reduce(t, op=op, group=group, async_op=True))
         return
     moved = t.to(device)
-    dist.all_reduce(moved, op=op, group=group)
+    KEPT_WORK.wait(dist.all_reduce(moved, op=op, group=group, async_op=True))
     t.copy_(moved)
 
 
@@ -82,5 +105,5 @@ def all_gather(t: Tensor, group: Any) -> list[Tensor]:
     device = collective_device(t, group)
     moved = t.to(device)
     out = [torch.empty_like(moved) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, moved, group=group)
+    KEPT_WORK.wait(dist.all_gather(out, moved, group=group, async_op=True))
     return out if device == t.device else [o.to(t.device) for o in out]
