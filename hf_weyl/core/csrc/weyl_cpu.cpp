@@ -142,7 +142,7 @@ inline void axpy(float* out, const float* a, float s, int64_t n) {
 }
 
 // R consecutive rows (stride n) at once: out[r] = dot(a + r n, x, n) and out += Σ_r s[r] · a[r n ..]. Every product
-// of row pieces but pass 1's of U goes through these two: per row kLanes lanes, lane l summing the elements
+// of row pieces but pass 1's of U goes through these two (or pair_rows, which computes the same on two arrays): per row kLanes lanes, lane l summing the elements
 // j ≡ l (mod kLanes) of the whole kLanes-blocks by FMAs in order, then the pairwise sum and the tail by FMAs; per
 // column FMAs in row order. A result therefore never depends on how rows were grouped or which pass computed it:
 // the update's B_W x_W, pass 2's check of it and pass 1's (no kept product) agree bit for bit. Grouping shares the
@@ -172,7 +172,47 @@ void axpy_rows(float* out, const float* a, int64_t n, const float* s) {
   }
 }
 
+// Pass 2's products on R rows of a (W) and b (U) in one loop, of one kind: `Dot`: oa[r] = a_r · va and
+// ob[r] = b_r · vb; else oa += Σ_r va[r] a_r and ob += Σ_r vb[r] b_r. Each result is dot_rows' or axpy_rows' bit for
+// bit (the same lanes, the same order per lane and per column); reading both arrays in one loop keeps two streams
+// from memory in flight, where one array at a time leaves a core waiting on one (measured: pass 2 16.6 → 13.9 ms
+// on GPT-2 small's partition, benchmarks/offload_step.py --passes).
+template <int R, bool Dot>
+void pair_rows(const float* a, const float* b, int64_t n, const float* va, const float* vb, float* oa, float* ob) {
+  if constexpr (Dot) {
+    float acc_a[R][kLanes] = {}, acc_b[R][kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int r = 0; r < R; ++r) {
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) {
+          acc_a[r][l] = fmadd(a[r * n + j + l], va[j + l], acc_a[r][l]);
+          acc_b[r][l] = fmadd(b[r * n + j + l], vb[j + l], acc_b[r][l]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      oa[r] = finish_lanes(acc_a[r], a + r * n, va, j, n);
+      ob[r] = finish_lanes(acc_b[r], b + r * n, vb, j, n);
+    }
+  } else {
+    float sa[R], sb[R];
+    for (int r = 0; r < R; ++r) sa[r] = va[r], sb[r] = vb[r];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      float ca = oa[j], cb = ob[j];
+      for (int r = 0; r < R; ++r) {
+        ca = fmadd(a[r * n + j], sa[r], ca);
+        cb = fmadd(b[r * n + j], sb[r], cb);
+      }
+      oa[j] = ca;
+      ob[j] = cb;
+    }
+  }
+}
+
 constexpr int kRowBlock = 4;
+
 
 template <typename Fn>
 inline void by_rows(int rows, Fn fn) {  // fn(std::integral_constant<int, R>) for R = rows in 1..kRowBlock
@@ -565,10 +605,28 @@ struct PieceProducts {
       float* o = out + out_at[i] + r;
       by_rows(rows, [&](auto k) { dot_rows<decltype(k)::value>(vals, len, x, o); });
     } else {
-      float* p = partial.data() + static_cast<int64_t>(tid) * axpy_total + axpy_at[i] + c0;
       const float* sv = vec + vec_at[i] + r;
-      by_rows(rows, [&](auto k) { axpy_rows<decltype(k)::value>(p, vals, len, sv); });
+      by_rows(rows, [&](auto k) { axpy_rows<decltype(k)::value>(partial_at(i, c0, tid), vals, len, sv); });
     }
+  }
+  // segment() of this product on rows of W (`vals`) and of `zu` (started on the same pieces: the same kind) on the same
+  // rows of U (`u_vals`), in one loop (pair_rows).
+  inline void segment_pass2(PieceProducts& zu, int64_t i, const float* vals, const float* u_vals, int64_t r, int rows,
+                            int64_t c0, int64_t len, int tid) {
+    if (dot[i]) {
+      by_rows(rows, [&](auto k) {
+        pair_rows<decltype(k)::value, true>(vals, u_vals, len, vec + vec_at[i] + c0, zu.vec + zu.vec_at[i] + c0,
+                                            out + out_at[i] + r, zu.out + zu.out_at[i] + r);
+      });
+    } else {
+      by_rows(rows, [&](auto k) {
+        pair_rows<decltype(k)::value, false>(vals, u_vals, len, vec + vec_at[i] + r, zu.vec + zu.vec_at[i] + r,
+                                             partial_at(i, c0, tid), zu.partial_at(i, c0, tid));
+      });
+    }
+  }
+  inline float* partial_at(int64_t i, int64_t c0, int tid) {
+    return partial.data() + static_cast<int64_t>(tid) * axpy_total + axpy_at[i] + c0;
   }
   void finish(const std::vector<PieceRef>& pieces) {
     for (size_t i = 0; i < pieces.size(); ++i) {
@@ -809,8 +867,7 @@ std::vector<at::Tensor> pieces_pass2(at::Tensor flat, at::Tensor work, std::vect
   const bool check = kept != nullptr;
   for_row_segments(pieces, row_tasks(pieces), [&zw, &zu, &bw, w, u, check](
                                                   int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base, int tid) {
-    zw.segment(i, w + base, r, rows, c0, len, tid);
-    zu.segment(i, u + base, r, rows, c0, len, tid);
+    zw.segment_pass2(zu, i, w + base, u + base, r, rows, c0, len, tid);
     if (check) bw.segment(i, w + base, r, rows, c0, len, tid);
   });
   zw.finish(pieces);
