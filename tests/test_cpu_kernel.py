@@ -139,3 +139,14 @@ def test_lock_held_past_the_timeout_falls_back_to_eager(tiny):
     assert f"waiting for pid {os.getpid()} on test-host" in err, err
     assert "waited 1 s" in err and "using the eager step" in err and ck.LOCK_TIMEOUT_ENV in err, err
     assert ANNOUNCE not in err, err
+
+
+def test_kernel_ab_says_which_revision_has_no_kernel():
+    """benchmarks/kernel_ab.py (two kernel builds side by side) refuses a revision without the kernel source in one
+    line, before building anything."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_ab.py"
+    run = subprocess.run([sys.executable, str(script), "--base", "no-such-revision"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != 0
+    assert "kernel_ab: no hf_weyl/core/csrc/weyl_cpu.cpp at revision 'no-such-revision'" in run.stderr
+    assert "Traceback" not in run.stderr and "building" not in run.stderr

@@ -1,0 +1,112 @@
+"""Two builds of the CPU kernel side by side: the pieces passes of a git revision's ``weyl_cpu.cpp`` against the working
+tree's, alternated call by call on GPT-2 small's flat fp32 partition (1 rank), medians and ratios.
+
+    python benchmarks/kernel_ab.py --base HEAD~1 [--calls 15]
+
+A change to the kernel is judged by this (the VM's speed drifts by tens of percent between runs; alternating the two
+builds in one process makes both see the same drift). It also says whether the two builds' results are bit for bit
+equal (pass 2's products and check, the update's weights and kept product), which a change meant to be a pure
+speed-up must keep. Builds go to a temporary folder (about a minute each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hf_weyl.core import cpu_kernel as ck
+from hf_weyl.core.layout import uncovered
+from hf_weyl.distributed.sigma import matrix_dims
+
+from offload_step import partition
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = "hf_weyl/core/csrc/weyl_cpu.cpp"
+
+
+def build(name: str, source: Path, folder: Path):
+    from torch.utils.cpp_extension import load
+
+    print(f"kernel_ab: building {name} from {source} ...", file=sys.stderr, flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return load(name=f"kernel_ab_{name}", sources=[str(source)], extra_cflags=ck._flags(), extra_ldflags=["-fopenmp"],
+                build_directory=str(folder), verbose=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="git revision whose kernel source is the baseline")
+    parser.add_argument("--calls", type=int, default=15, help="timed calls of each pass per build")
+    args = parser.parse_args()
+    try:
+        base_source = subprocess.run(["git", "show", f"{args.base}:{SOURCE}"], cwd=ROOT, check=True,
+                                     capture_output=True, text=True).stdout
+    except subprocess.CalledProcessError as err:
+        sys.exit(f"kernel_ab: no {SOURCE} at revision {args.base!r}: {err.stderr.strip()}")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    with tempfile.TemporaryDirectory(prefix="kernel_ab-") as tmp:
+        base_file = Path(tmp) / "base.cpp"
+        base_file.write_text(base_source)
+        kernels = {"base": build("base", base_file, Path(tmp) / "base"),
+                   "tree": build("tree", ROOT / SOURCE, Path(tmp) / "tree")}
+        run(kernels, args.calls, args.base)
+    dist.destroy_process_group()
+
+
+def run(kernels: dict, calls: int, base: str) -> None:
+    with torch.device("meta"):
+        shapes = [p.shape for p in GPT2LMHeadModel(GPT2Config()).parameters()]
+    numel, layout = partition(shapes, 0, 1)
+    idx = [i for i, s in enumerate(layout.shapes) if len(s) >= 2]
+    dims = [matrix_dims(layout.shapes[i]) for i in idx]
+    pieces = ([layout.offsets[i] for i in idx], [layout.starts[i] for i in idx], [layout.numels[i] for i in idx],
+              [m for m, _ in dims], [n for _, n in dims])
+    found = uncovered(numel, list(zip(pieces[0], pieces[2])))
+    gaps = ([g[0] for g in found], [g[1] for g in found])
+    short, long = sum(min(m, n) for m, n in dims), sum(max(m, n) for m, n in dims)
+    gen = torch.Generator().manual_seed(0)
+    weights, u = torch.randn(numel, generator=gen) * 0.02, torch.randn(numel, generator=gen) * 1e-3
+    x, y, kept = torch.randn(short, generator=gen), torch.randn(long, generator=gen), torch.randn(long, generator=gen)
+    lrs = [1e-6] * len(idx)
+
+    results = {}
+    for name, k in kernels.items():  # results on the same inputs (the update on a copy of the weights)
+        out, fresh = k.pieces_pass2(weights, u, *pieces, y, y, x, kept)
+        w = weights.clone()
+        product = k.pieces_update(w, u, *pieces, lrs, *gaps, 1e-6, 0.1, x)
+        results[name] = (out, fresh, w, product)
+    same = [torch.equal(a, b) for a, b in zip(results["base"], results["tree"])]
+
+    w = weights.clone()
+    passes = {
+        "pass 2 (with the check)": lambda k: k.pieces_pass2(weights, u, *pieces, y, y, x, kept),
+        "update": lambda k: k.pieces_update(w, u, *pieces, [0.0] * len(idx), *gaps, 0.0, 0.0, x),
+    }
+    times = {(p, name): [] for p in passes for name in kernels}
+    for _ in range(calls):
+        for p, call in passes.items():
+            for name, k in kernels.items():
+                t0 = time.perf_counter()
+                call(k)
+                times[(p, name)].append(time.perf_counter() - t0)
+    print(f"\nGPT-2 small's flat fp32 partition ({numel / 1e6:.1f}M elements), {torch.get_num_threads()} thread(s), "
+          f"{calls} alternated calls each, medians")
+    print(f"| pass | {base} | working tree | tree / base |\n|---|---|---|---|")
+    for p in passes:
+        b, t = (statistics.median(times[(p, name)]) for name in ("base", "tree"))
+        print(f"| {p} | {1e3 * b:.2f} ms | {1e3 * t:.2f} ms | {t / b:.3f} |")
+    print("\nbit for bit equal (pass 2's products, its check product, the updated weights, the kept product): "
+          + ", ".join("yes" if s else "NO" for s in same))
+
+
+if __name__ == "__main__":
+    main()
