@@ -24,10 +24,8 @@ import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_weyl.core import cpu_kernel as ck
-from hf_weyl.core.layout import uncovered
-from hf_weyl.distributed.sigma import matrix_dims
 
-from offload_step import partition
+from offload_step import partition, pieces_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "hf_weyl/core/csrc/weyl_cpu.cpp"
@@ -66,17 +64,13 @@ def run(kernels: dict, calls: int, base: str) -> None:
     with torch.device("meta"):
         shapes = [p.shape for p in GPT2LMHeadModel(GPT2Config()).parameters()]
     numel, layout = partition(shapes, 0, 1)
-    idx = [i for i, s in enumerate(layout.shapes) if len(s) >= 2]
-    dims = [matrix_dims(layout.shapes[i]) for i in idx]
-    pieces = ([layout.offsets[i] for i in idx], [layout.starts[i] for i in idx], [layout.numels[i] for i in idx],
-              [m for m, _ in dims], [n for _, n in dims])
-    found = uncovered(numel, list(zip(pieces[0], pieces[2])))
-    gaps = ([g[0] for g in found], [g[1] for g in found])
-    short, long = sum(min(m, n) for m, n in dims), sum(max(m, n) for m, n in dims)
     gen = torch.Generator().manual_seed(0)
     weights, u = torch.randn(numel, generator=gen) * 0.02, torch.randn(numel, generator=gen) * 1e-3
+    plan = pieces_plan(weights, layout)
+    pieces, gaps = plan.pieces, plan.gaps
+    short, long, count = plan.short_sizes_total // 2, plan.long_sizes_total // 2, len(plan.pieces[0])
     x, y, kept = torch.randn(short, generator=gen), torch.randn(long, generator=gen), torch.randn(long, generator=gen)
-    lrs = [1e-6] * len(idx)
+    lrs = [1e-6] * count
 
     results = {}
     for name, k in kernels.items():  # results on the same inputs (the update on a copy of the weights)
@@ -89,7 +83,7 @@ def run(kernels: dict, calls: int, base: str) -> None:
     w = weights.clone()
     passes = {
         "pass 2 (with the check)": lambda k: k.pieces_pass2(weights, u, *pieces, y, y, x, kept),
-        "update": lambda k: k.pieces_update(w, u, *pieces, [0.0] * len(idx), *gaps, 0.0, 0.0, x),
+        "update": lambda k: k.pieces_update(w, u, *pieces, [0.0] * count, *gaps, 0.0, 0.0, x),
     }
     times = {(p, name): [] for p in passes for name in kernels}
     for _ in range(calls):

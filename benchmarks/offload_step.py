@@ -32,8 +32,8 @@ import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_weyl import AdamWeyl
-from hf_weyl.core.functional import FRESH_STEPS
-from hf_weyl.core.layout import StepPlan, uncovered
+from hf_weyl.core.functional import FRESH_STEPS, _PiecesPlan, is_capped
+from hf_weyl.core.layout import StepPlan
 from hf_weyl.distributed import LAYOUT_SIGMA
 from hf_weyl.integrations.deepspeed import DeepSpeedZeroAdapter, ZeroLayout, nonfinite_anywhere, zero_unit
 
@@ -54,6 +54,13 @@ def partition(shapes: list[torch.Size], rank: int, world: int, padding: int = 0)
         pos += size
     params = [torch.empty(0) for _ in shapes]  # (stand-ins: the step reads shapes and pieces only)
     return per + padding, ZeroLayout(params, list(shapes), offsets, starts, numels, dist.group.WORLD, stage=2)
+
+
+def pieces_plan(flat: torch.Tensor, layout: ZeroLayout) -> _PiecesPlan:
+    """What the fused step hands the pieces kernel for the capped parameters of this partition (``plan.pieces``,
+    ``plan.gaps``; the vectors' lengths ``plan.short_sizes_total // 2`` and ``plan.long_sizes_total // 2``)."""
+    parts = [part for part, shape in zip(zero_unit(flat, layout).parts, layout.shapes) if is_capped(shape, False)]
+    return _PiecesPlan(flat.numel(), parts)
 
 
 def main() -> None:
@@ -120,16 +127,10 @@ def main() -> None:
 def time_passes(flat, weyl, layout, fused, steps: int, rank: int) -> None:
     """Medians of the non-finite check, the three kernel passes and fused AdamW's step on the same partition."""
     from hf_weyl.core.cpu_kernel import cpu_kernel
-    from hf_weyl.distributed.sigma import matrix_dims
 
     kernel, state = cpu_kernel(), weyl.state[flat]
-    idx = [i for i, s in enumerate(layout.shapes) if len(s) >= 2]
-    dims = [matrix_dims(layout.shapes[i]) for i in idx]
-    pieces = ([layout.offsets[i] for i in idx], [layout.starts[i] for i in idx], [layout.numels[i] for i in idx],
-              [m for m, _ in dims], [n for _, n in dims])
-    found = uncovered(flat.numel(), list(zip(pieces[0], pieces[2])))
-    gaps = ([g[0] for g in found], [g[1] for g in found])
-    short, long = sum(min(m, n) for m, n in dims), sum(max(m, n) for m, n in dims)
+    plan = pieces_plan(flat, layout)
+    pieces, gaps, short, long = plan.pieces, plan.gaps, plan.short_sizes_total // 2, plan.long_sizes_total // 2
     work, x, y = weyl._work.get(torch.float32, flat.numel()), torch.randn(short), torch.randn(long)
     kept = torch.randn(long)
     calls = {
@@ -140,7 +141,7 @@ def time_passes(flat, weyl, layout, fused, steps: int, rank: int) -> None:
         "pass 2 (Bᵀ y of W and U, B_W x_W to check the kept one)": lambda: kernel.pieces_pass2(
             flat, work, *pieces, y, y, x, kept),
         "update (and the next B_W x_W)": lambda: kernel.pieces_update(
-            flat, work, *pieces, [1e-8] * len(idx), *gaps, 1e-8, 0.0, x),
+            flat, work, *pieces, [1e-8] * len(pieces[0]), *gaps, 1e-8, 0.0, x),
         "AdamW fused, whole step": fused.step,
     }
     times = {name: [] for name in calls}

@@ -44,3 +44,39 @@ def stats_by_name(model, opt) -> dict:
         names[id(p)]: (float(r), float(sw), float(su), bool(c))
         for p, r, sw, su, c in zip(s.params, s.lr_ratio, s.sigma_weight, s.sigma_update, s.capped)
     }
+
+
+class KernelRecorder:
+    """The CPU kernel, recording each call of the fused pieces step (one ``pieces_pass1`` per call): the partition,
+    whether pass 1 was handed a kept B_W x_W, and pass 2's outputs (reduced in place after the call: read the flags
+    once the step has returned)."""
+
+    def __init__(self, kernel=None) -> None:
+        self._kernel = kernel
+        self.steps: list[dict] = []
+
+    def around(self, kernel) -> KernelRecorder:
+        """This recorder, now around ``kernel`` (the one a step was handed)."""
+        self._kernel = kernel
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self._kernel, name)
+
+    @property
+    def kept_given(self) -> list[bool]:
+        return [step["kept"] for step in self.steps]
+
+    @property
+    def flags(self) -> list[float]:
+        """Pass 2's stale flag of every pass 2 run (a repeat's included), in order."""
+        return [float(out[-1]) for step in self.steps for out in step["pass2"]]
+
+    def pieces_pass1(self, *args):
+        self.steps.append({"flat": id(args[0]), "kept": args[-1].numel() > 0, "pass2": []})
+        return self._kernel.pieces_pass1(*args)
+
+    def pieces_pass2(self, *args):
+        out, fresh = self._kernel.pieces_pass2(*args)
+        self.steps[-1]["pass2"].append(out)
+        return out, fresh

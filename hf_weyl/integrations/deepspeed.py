@@ -295,7 +295,7 @@ def zero_layout(flat: Tensor, originals: list[Tensor]) -> ZeroLayout:
     else:
         layout = None
     if layout is not None:
-        layout.engine_skips_nonfinite = skips_nonfinite_steps(params, 3 if layout.stage == 3 else 2)
+        layout.engine_skips_nonfinite = skips_nonfinite_steps(params, layout.stage)
         return layout
     raise RuntimeError(
         f"AdamWeyl: a param group holds a tensor of shape {tuple(flat.shape)} that is not one of the parameters the "

@@ -22,7 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "benchmarks"))
 from offload_step import partition  # noqa: E402
-from rank_checks import run_checks  # noqa: E402
+from rank_checks import KernelRecorder, run_checks  # noqa: E402
 
 from hf_weyl.core.cpu_kernel import cpu_kernel  # noqa: E402
 from hf_weyl.core.functional import WorkBuffer, _fused_pieces_step, adamweyl  # noqa: E402
@@ -55,30 +55,6 @@ class Run:
                         work=self.work)
 
 
-class Recorder:
-    """The kernel, recording whether pass 1 was handed a kept product and what pass 2 flagged (its output is reduced
-    in place after the call: :attr:`flags` reads the reduced flag)."""
-
-    def __init__(self) -> None:
-        self.kernel, self.kept_given, self.outs = cpu_kernel(), [], []
-
-    @property
-    def flags(self) -> list[float]:
-        return [float(out[-1]) for out in self.outs]
-
-    def __getattr__(self, name):
-        return getattr(self.kernel, name)
-
-    def pieces_pass1(self, *args):
-        self.kept_given.append(args[-1].numel() > 0)
-        return self.kernel.pieces_pass1(*args)
-
-    def pieces_pass2(self, *args):
-        out, fresh = self.kernel.pieces_pass2(*args)
-        self.outs.append(out)
-        return out, fresh
-
-
 def setup(seed: int = 0):
     rank, world = dist.get_rank(), dist.get_world_size()
     numel, layout = partition(SHAPES, rank, world, padding=3)  # + padding at the end of every partition
@@ -99,7 +75,7 @@ def check_steady() -> None:
     """Warm steps: pass 1 takes the kept product from the second step on, pass 2 finds it valid, and every step
     equals the eager one with the cap binding; the kept product is this rank's partial B_W x_W of the new weights."""
     rank, fused, eager, grads = setup()
-    rec = Recorder()
+    rec = KernelRecorder(cpu_kernel())
     for i, g in enumerate(grads):
         sf, se = fused.run(g, "fused_pieces", rec), eager.run(g, "eager")
         same(fused, eager, sf, se, f"step {i}")
@@ -121,7 +97,7 @@ def check_stale(edit: str) -> None:
     """Between steps, rank 1 alone edits its weights (or resets its x_W): pass 2 flags the kept product there, both
     ranks repeat the W half, and the step equals the eager one on the edited state."""
     rank, fused, eager, grads = setup()
-    rec = Recorder()
+    rec = KernelRecorder(cpu_kernel())
     for i, g in enumerate(grads):
         if i == 3 and rank == 1:
             for run in (fused, eager):

@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from layout_net import BATCH as LAYOUT_BATCH  # noqa: E402
 from layout_net import LayoutNet, layout_batch, layout_groups, layout_loss, layout_reference  # noqa: E402
-from rank_checks import run_checks, stats_by_name  # noqa: E402
+from rank_checks import KernelRecorder, run_checks, stats_by_name  # noqa: E402
 
 import hf_weyl  # noqa: E402
 from hf_weyl import AdamWeyl, unwrap_adamweyl  # noqa: E402
@@ -282,26 +282,6 @@ def check_offload_equals_no_offload(stage, steps=3, **cfg):
         assert abs(s0[name][0] - s1[name][0]) <= tol * 10, f"{name} lr ratio {s0[name][0]} vs {s1[name][0]}"
 
 
-class _KernelRecorder:
-    """The CPU kernel, recording per call of the fused pieces step whether pass 1 got a kept B_W x_W and pass 2's
-    (reduced, read after the step) stale flag."""
-
-    def __init__(self, kernel, log):
-        self._kernel, self._log = kernel, log
-
-    def __getattr__(self, name):
-        return getattr(self._kernel, name)
-
-    def pieces_pass1(self, *args):
-        self._log.append({"flat": id(args[0]), "kept": args[-1].numel() > 0, "pass2": []})
-        return self._kernel.pieces_pass1(*args)
-
-    def pieces_pass2(self, *args):
-        out, fresh = self._kernel.pieces_pass2(*args)
-        self._log[-1]["pass2"].append(out)
-        return out, fresh
-
-
 def check_fused_pieces(stage, **cfg):
     """Past the fresh steps, a CPU fp32 partition takes the fused kernel on its pieces (three passes, two vector
     all-reduces): weights and stats equal to the eager ZeRO step (HF_WEYL_CPU_KERNEL=0) and to the single-process
@@ -311,10 +291,9 @@ def check_fused_pieces(stage, **cfg):
     from hf_weyl.core.functional import FRESH_STEPS
 
     steps = FRESH_STEPS + 4
-    calls = []
-    log = []
+    rec = KernelRecorder()
     real = fn._fused_pieces_step
-    fn._fused_pieces_step = lambda kernel, *a, **k: calls.append(1) or real(_KernelRecorder(kernel, log), *a, **k)
+    fn._fused_pieces_step = lambda kernel, *a, **k: real(rec.around(kernel), *a, **k)
     runs = []
     try:
         for disabled in ("0", "1"):  # the eager ZeRO step, then the fused one
@@ -325,14 +304,13 @@ def check_fused_pieces(stage, **cfg):
     finally:
         os.environ.pop("HF_WEYL_CPU_KERNEL", None)
         fn._fused_pieces_step = real
-    assert calls, "the fused ZeRO step never ran"
+    assert rec.steps, "the fused ZeRO step never ran"
     per_flat = {}
-    for entry in log:
+    for entry in rec.steps:
         per_flat.setdefault(entry["flat"], []).append(entry["kept"])
     for kept in per_flat.values():  # nothing kept at a partition's first fused step, then always
         assert len(kept) >= 2 and kept == [False] + [True] * (len(kept) - 1), kept
-    flags = [float(out[-1]) for entry in log for out in entry["pass2"]]
-    assert flags == [0.0] * len(log), flags  # one pass 2 per step, never a repeat
+    assert rec.flags == [0.0] * len(rec.steps), rec.flags  # one pass 2 per step, never a repeat
     (w_eager, s_eager), (w_fused, s_fused) = runs
     ref_model, ref_opt = reference(steps)
     assert any(r < 1 for r, *_ in s_fused.values()), "the cap never bound"

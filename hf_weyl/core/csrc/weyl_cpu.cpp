@@ -142,9 +142,9 @@ inline void axpy(float* out, const float* a, float s, int64_t n) {
 }
 
 // R consecutive rows (stride n) at once: out[r] = dot(a + r n, x, n) and out += Σ_r s[r] · a[r n ..]. Every product
-// of row pieces but pass 1's of U goes through these two (or pair_rows, which computes the same on two arrays): per row kLanes lanes, lane l summing the elements
-// j ≡ l (mod kLanes) of the whole kLanes-blocks by FMAs in order, then the pairwise sum and the tail by FMAs; per
-// column FMAs in row order. A result therefore never depends on how rows were grouped or which pass computed it:
+// of row pieces but pass 1's of U goes through these two (or pair_rows, the same on two arrays): per row kLanes lanes,
+// lane l summing the elements j ≡ l (mod kLanes) of the whole kLanes-blocks by FMAs in order, then the pairwise sum
+// and the tail by FMAs; per column FMAs in row order. A result therefore never depends on how rows were grouped or which pass computed it:
 // the update's B_W x_W, pass 2's check of it and pass 1's (no kept product) agree bit for bit. Grouping shares the
 // loads of x and of `out` between rows and runs R independent chains.
 template <int R>
@@ -175,8 +175,8 @@ void axpy_rows(float* out, const float* a, int64_t n, const float* s) {
 // Pass 2's products on R rows of a (W) and b (U) in one loop, of one kind: `Dot`: oa[r] = a_r · va and
 // ob[r] = b_r · vb; else oa += Σ_r va[r] a_r and ob += Σ_r vb[r] b_r. Each result is dot_rows' or axpy_rows' bit for
 // bit (the same lanes, the same order per lane and per column); reading both arrays in one loop keeps two streams
-// from memory in flight, where one array at a time leaves a core waiting on one (measured: pass 2 16.6 → 13.9 ms
-// on GPT-2 small's partition, benchmarks/offload_step.py --passes).
+// from memory in flight, where one array at a time leaves a core waiting on one (measured: pass 2 15.5 → 13.9 ms
+// on GPT-2 small's partition, benchmarks/kernel_ab.py).
 template <int R, bool Dot>
 void pair_rows(const float* a, const float* b, int64_t n, const float* va, const float* vb, float* oa, float* ob) {
   if constexpr (Dot) {
@@ -212,7 +212,6 @@ void pair_rows(const float* a, const float* b, int64_t n, const float* va, const
 }
 
 constexpr int kRowBlock = 4;
-
 
 template <typename Fn>
 inline void by_rows(int rows, Fn fn) {  // fn(std::integral_constant<int, R>) for R = rows in 1..kRowBlock
@@ -509,7 +508,6 @@ struct PieceRef {
   int64_t r_last() const { return (start + numel - 1) / cols; }
   int64_t c_begin(int64_t r) const { return r == r_first() ? start % cols : 0; }
   int64_t c_end(int64_t r) const { return r == r_last() ? (start + numel - 1) % cols + 1 : cols; }
-  int64_t flat(int64_t r, int64_t c) const { return offset + r * cols + c - start; }  // position in the partition
 };
 
 std::vector<PieceRef> pieces_of(const std::vector<int64_t>& offsets, const std::vector<int64_t>& starts,
@@ -631,8 +629,7 @@ struct PieceProducts {
   void finish(const std::vector<PieceRef>& pieces) {
     for (size_t i = 0; i < pieces.size(); ++i) {
       if (dot[i]) continue;
-      for (int t = 0; t < threads; ++t)
-        axpy(out + out_at[i], partial.data() + static_cast<int64_t>(t) * axpy_total + axpy_at[i], 1.f, pieces[i].cols);
+      for (int t = 0; t < threads; ++t) axpy(out + out_at[i], partial_at(int64_t(i), 0, t), 1.f, pieces[i].cols);
     }
   }
 };
@@ -821,7 +818,7 @@ at::Tensor pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at
           float* const o = bu.out + bu.out_at[i] + r;
           for (int k = 0; k < rows; ++k) o[k] = sm.row<1>(g, m, v, u, base + k * len, len, xv + c0, nullptr, 0.f);
         } else {
-          float* const part = bu.partial.data() + static_cast<int64_t>(tid) * bu.axpy_total + bu.axpy_at[i] + c0;
+          float* const part = bu.partial_at(i, c0, tid);
           for (int k = 0; k < rows; ++k) sm.row<2>(g, m, v, u, base + k * len, len, nullptr, part, xv[r + k]);
         }
         if (read_w) bw.segment(i, w + base, r, rows, c0, len, tid);

@@ -95,4 +95,3 @@ def skips_nonfinite_steps(params: list[Any], stage: int) -> bool:
         return False
     norm, dtype, checks = (getattr(zero_opt, name, None) for name in ("compute_grad_norm", "dtype", "check_grad_overflow"))
     return norm is True and dtype is not None and (dtype != torch.bfloat16 or checks is True)
-
