@@ -133,13 +133,14 @@ def time_passes(flat, weyl, layout, fused, steps: int, rank: int) -> None:
     pieces, gaps, short, long = plan.pieces, plan.gaps, plan.short_sizes_total // 2, plan.long_sizes_total // 2
     work, x, y = weyl._work.get(torch.float32, flat.numel()), torch.randn(short), torch.randn(long)
     kept = torch.randn(long)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    _, z = kernel.pieces_pass1(flat, flat.grad, m, v, work, *pieces, *gaps, x, x, 0.5, 0.5, 0.9, 0.95, 1e-8, kept)
     calls = {
         "non-finite check (all_finite)": lambda: kernel.all_finite(flat.grad),
-        "pass 1 (moments, U, B_U x_U; B_W x_W kept)": lambda: kernel.pieces_pass1(
-            flat, flat.grad, state["exp_avg"], state["exp_avg_sq"], work, *pieces, *gaps, x, x, 0.5, 0.5, 0.9, 0.95,
-            1e-8, kept),
-        "pass 2 (Bᵀ y of W and U, B_W x_W to check the kept one)": lambda: kernel.pieces_pass2(
-            flat, work, *pieces, y, y, x, kept),
+        "pass 1 (moments, U, B_U x_U, B_Uᵀ b_U of whole tall pieces; B_W x_W kept)": lambda: kernel.pieces_pass1(
+            flat, flat.grad, m, v, work, *pieces, *gaps, x, x, 0.5, 0.5, 0.9, 0.95, 1e-8, kept),
+        "pass 2 (Bᵀ y of W, B_Uᵀ b_U of the other pieces, B_W x_W to check the kept one)":
+            lambda: kernel.pieces_pass2(flat, work, *pieces, y, y, x, kept, z, False),
         "update (and the next B_W x_W)": lambda: kernel.pieces_update(
             flat, work, *pieces, [1e-8] * len(pieces[0]), *gaps, 1e-8, 0.0, x),
         "AdamW fused, whole step": fused.step,
@@ -151,10 +152,14 @@ def time_passes(flat, weyl, layout, fused, steps: int, rank: int) -> None:
             with torch.no_grad():
                 call()
             times[name].append(time.perf_counter() - t0)
+    medians = torch.tensor([1e3 * statistics.median(t) for t in times.values()])
+    every = [torch.zeros_like(medians) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, medians)
     if rank == 0:
-        print("\n| part (this rank's partition) | ms |\n|---|---|")
-        for name, t in times.items():
-            print(f"| {name} | {1e3 * statistics.median(t):.1f} |")
+        print("\n| part (each rank's partition) | " + " | ".join(f"rank {r} ms" for r in range(len(every))) + " |")
+        print("|---|" + "---|" * len(every))
+        for i, name in enumerate(times):
+            print(f"| {name} | " + " | ".join(f"{float(m[i]):.1f}" for m in every) + " |")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ def stats_by_name(model, opt) -> dict:
 
 class KernelRecorder:
     """The CPU kernel, recording each call of the fused pieces step (one ``pieces_pass1`` per call): the partition,
-    whether pass 1 was handed a kept B_W x_W, and pass 2's outputs (reduced in place after the call: read the flags
-    once the step has returned)."""
+    whether pass 1 was handed a kept B_W x_W, and pass 2's z (reduced in place after the call: read the flags once the
+    step has returned)."""
 
     def __init__(self, kernel=None) -> None:
         self._kernel = kernel
@@ -77,6 +77,5 @@ class KernelRecorder:
         return self._kernel.pieces_pass1(*args)
 
     def pieces_pass2(self, *args):
-        out, fresh = self._kernel.pieces_pass2(*args)
-        self.steps[-1]["pass2"].append(out)
-        return out, fresh
+        self.steps[-1]["pass2"].append(args[-2])  # z, which pass 2 fills (its flag last) and the step then reduces
+        return self._kernel.pieces_pass2(*args)

@@ -28,7 +28,10 @@ shards, ZeRO flat partitions) and the *parts* of parameters they hold with their
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -635,13 +638,17 @@ def _fused_pieces_step(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A warm step (one power iteration) of a flat fp32 CPU partition of row pieces in three passes of
     ``csrc/weyl_cpu.cpp``, with one all-reduce of the partial products after each of the first two: what the
-    single-process fused step costs, plus two vector all-reduces. Equal to the eager step to float rounding.
+    single-process fused step costs, plus two vector all-reduces (none on one rank). Equal to the eager step to float
+    rounding.
 
-    ``pieces_pass1``: moments, U and the partial B_U x_U, with the partial B_W x_W the previous update kept
-    (:attr:`WorkBuffer.products`; computed here from W where there is none); ``pieces_pass2``: the partial Bᵀ y of W
-    and U, and whether the kept B_W x_W is still that of the weights and x_W (if not on some rank — weights loaded or
-    edited, vectors reset — the W half is repeated with pass 2's own B_W x_W, as the eager step computes it);
-    ``pieces_update``: the update, and the partial B_W x_W of the new weights to keep."""
+    ``pieces_pass1``: moments, U and the partial b_U = B_U x_U, with the partial B_W x_W the previous update kept
+    (:attr:`WorkBuffer.products`; computed here from W where there is none), and on pieces holding a whole tall matrix
+    U's second half-step B_Uᵀ b_U, row by row; ``pieces_pass2``: the partial B_Wᵀ y_W, B_Uᵀ b_U of the other pieces,
+    and whether the kept B_W x_W is still that of the weights and x_W (if not on some rank — weights loaded or edited,
+    vectors reset — the W half is repeated with pass 2's own B_W x_W, as the eager step computes it);
+    ``pieces_update``: the update, and the partial B_W x_W of the new weights to keep. U's z is B_Uᵀ b_U, b_U not
+    normalised (pass 1 has all of b_i only as row i ends), so σ_U = ‖z_U‖ / ‖b_U‖; where ‖b_U‖ is so small that its
+    terms could be subnormal (or z_U overflowed), every rank repeats pass 2 with y_U = c b_U / ‖b_U‖."""
     advance_steps_([step])
     t = float(step)
     idx = [i for i, v in enumerate(weight_vectors) if v is not None]
@@ -653,23 +660,34 @@ def _fused_pieces_step(
     k, half_short, half_long = len(idx), plan.short_sizes_total // 2, plan.long_sizes_total // 2
     x_w, x_u = x[:half_short], x[half_short:]
     kept = work.products.pop(flat, _NO_PRODUCT)
+    reduce_ = _no_reduce if _one_rank(group) else sigma.all_reduce_  # (a group of one: the sum is the tensor)
 
-    # pass 1: moments, U, B_U x_U (and B_W x_W where none was kept); all-reduce; y = c b / ‖b‖ per matrix
-    b = kernel.pieces_pass1(flat, grad, exp_avg, exp_avg_sq, buffer, *plan.pieces, *plan.gaps, x_w, x_u,
-                            1 - beta1**t, 1 - beta2**t, beta1, beta2, eps, kept)
+    # pass 1: moments, U, B_U x_U (and B_W x_W where none was kept), and U's whole power step on whole tall pieces:
+    # z_U = B_Uᵀ b_U row by row. All-reduce the long products; y_W = c b_W / ‖b_W‖ per matrix.
+    b, z = kernel.pieces_pass1(flat, grad, exp_avg, exp_avg_sq, buffer, *plan.pieces, *plan.gaps, x_w, x_u,
+                               1 - beta1**t, 1 - beta2**t, beta1, beta2, eps, kept)
     local_bw = b[:half_long].clone() if kept.numel() != half_long else None  # this rank's own, for a repeat
-    sigma.all_reduce_(b, group)
-    c = kernel.segments_unit_scaled_(b, plan.long_sizes)
+    reduce_(b, group)
+    b_w, b_u = b[:half_long], b[half_long:]
+    c_w = kernel.segments_unit_scaled_(b_w, plan.long_sizes[:k])
+    norm_u = kernel.segments_norm(b_u, plan.long_sizes[k:])  # U's z is B_Uᵀ b_U, unnormalised: σ_U = ‖z_U‖ / ‖b_U‖
 
-    # pass 2: Bᵀ y of W and U, and whether the kept B_W x_W is still that of the weights and x_W; all-reduce
-    z, fresh = kernel.pieces_pass2(flat, buffer, *plan.pieces, b[:half_long], b[half_long:], x_w, kept)
-    sigma.all_reduce_(z, group)
-    if z[-1].item() > 0:  # a reduced flag: every rank repeats the W half, with B_W x_W of the weights now
-        b_w = fresh if local_bw is None else local_bw
-        sigma.all_reduce_(b_w, group)
-        c[:k] = kernel.segments_unit_scaled_(b_w, plan.long_sizes[:k])
-        z, _ = kernel.pieces_pass2(flat, buffer, *plan.pieces, b_w, b[half_long:], x_w, _NO_PRODUCT)
-        sigma.all_reduce_(z, group)
+    # pass 2: B_Wᵀ y_W, the B_Uᵀ b_U pass 1 left (wide or split pieces), and whether the kept B_W x_W is still that of
+    # the weights and x_W; all-reduce
+    fresh = kernel.pieces_pass2(flat, buffer, *plan.pieces, b_w, b_u, x_w, kept, z, False)
+    reduce_(z, group)
+    c = torch.cat([c_w, norm_u])
+    stale = z[-1].item() > 0  # a reduced flag: the kept B_W x_W is not that of the weights now on some rank
+    if stale or not _unscaled_u_safe(kernel, norm_u, z[half_short:-1]):
+        # every rank repeats pass 2 with y = c b / ‖b‖ for W and U, as the eager step computes them
+        if stale:
+            b_w = fresh if local_bw is None else local_bw
+            reduce_(b_w, group)
+            c_w = kernel.segments_unit_scaled_(b_w, plan.long_sizes[:k])
+        c = torch.cat([c_w, kernel.segments_unit_scaled_(b_u, plan.long_sizes[k:])])
+        z = torch.zeros_like(z)
+        kernel.pieces_pass2(flat, buffer, *plan.pieces, b_w, b_u, x_w, _NO_PRODUCT, z, True)
+        reduce_(z, group)
     both = kernel.segments_sigma_(z[:-1], plan.short_sizes, c, x)  # σ = ‖z‖ / c; x ← z / ‖z‖ where σ > 0
     torch._foreach_copy_(w_vecs + u_vecs, list(x.split(plan.short_sizes)))
 
@@ -686,6 +704,27 @@ def _fused_pieces_step(
 
 
 _NO_PRODUCT = torch.zeros(0)
+
+
+def _one_rank(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) == 1
+
+
+def _no_reduce(t: Tensor, group) -> None:
+    pass
+
+
+_UNSCALED_MIN = 2.0**-40  # ‖b‖ below this: B_Uᵀ b could have subnormal terms that matter
+
+
+def _unscaled_u_safe(kernel, norm_u: Tensor, z_u: Tensor) -> bool:
+    """Whether z_U = B_Uᵀ b_U, taken without normalising b_U, is as good as B_Uᵀ (b_U / ‖b_U‖): no ‖b_U‖ in
+    (0, 2⁻⁴⁰) (the terms b_i U_ij could be subnormal; 0 and non-finite norms give σ = 0 either way) and no
+    overflow in z_U (not finite where ‖b_U‖ is). From reduced values: the same answer on every rank."""
+    norms = norm_u.tolist()
+    if any(0.0 < n < _UNSCALED_MIN for n in norms):
+        return False
+    return kernel.all_finite(z_u) or not all(math.isfinite(n) for n in norms)
 
 
 class _PiecesPlan:

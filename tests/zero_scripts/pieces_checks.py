@@ -8,7 +8,8 @@ The update keeps each piece's partial B_W x_W for the next step (``WorkBuffer.pr
 still B_W x_W of the weights and x_W. ``stale_*`` edit the weights, or the vectors, on one rank between steps: both
 ranks must then repeat the W half of the power step and equal the eager step on the edited state;
 ``kept_equals_fresh``: a step with nothing kept (a resumed run's first) computes what the kept product gives, bit for
-bit.
+bit. U's power step takes B_Uᵀ b_U without normalising b_U (on whole tall pieces in pass 1, row by row);
+``tiny_update``: where ‖b_U‖ is too small for that, every rank repeats pass 2 as the eager step computes it.
 """
 
 from __future__ import annotations
@@ -128,6 +129,23 @@ def check_kept_equals_fresh() -> None:
             assert v is None or torch.equal(v, w), f"step {i}: vectors differ"
 
 
+def check_tiny_update() -> None:
+    """Gradients of 1e-31: U is about 1e-23 and ‖B_U x_U‖ < 2⁻⁴⁰, where the unnormalised B_Uᵀ b_U that pass 1 and
+    pass 2 take would have subnormal terms. Every rank then repeats pass 2 with y_U = c b_U / ‖b_U‖, as the eager step
+    computes it: σ_U equals the eager one to float rounding, relatively (an absolute tolerance would hide a σ of
+    1e-22)."""
+    rank, fused, eager, grads = setup()
+    rec = KernelRecorder(cpu_kernel())
+    for i, g in enumerate(grads):
+        g = g * 1e-30
+        sf, se = fused.run(g, "fused_pieces", rec), eager.run(g, "eager")
+        same(fused, eager, sf, se, f"step {i}")
+        capped = se[2] > 0
+        assert bool(capped.any()) and bool((se[2][capped] < 1e-15).all()), se[2]
+        torch.testing.assert_close(sf[2], se[2], rtol=1e-5, atol=0, msg=lambda m, i=i: f"step {i}: σ_U {m}")
+    assert [len(step["pass2"]) for step in rec.steps] == [2] * len(grads), "no repeat of pass 2"
+
+
 def check_all_finite() -> None:
     kernel = cpu_kernel()
     base = torch.randn(100_003)
@@ -147,6 +165,7 @@ CHECKS = {
     "stale_weights": lambda: check_stale("weights"),
     "stale_vectors": lambda: check_stale("vectors"),
     "kept_equals_fresh": check_kept_equals_fresh,
+    "tiny_update": check_tiny_update,
     "all_finite": check_all_finite,
 }
 

@@ -474,33 +474,38 @@ at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> gra
 //
 // Piece i of a flat partition is flat[offset_i, offset_i + numel_i) = the row-major elements
 // [start_i, start_i + numel_i) of an (m_i × n_i) matrix; `gaps` are the partition's other elements (tensors
-// AdamW² does not cap, padding). One warm power iteration over W and U of all pieces takes three passes with
-// the vector reductions (done by the caller) between them:
+// AdamW² does not cap, padding). A piece is whole when it holds all of its matrix. One warm power iteration over W
+// and U of all pieces takes three passes with the vector reductions (done by the caller) between them:
 //
 //   pieces_pass1   over the whole partition: moments and U (stored); for each piece, its partial long products
-//                  B_W x_W and B_U x_U (zeros outside its rows/columns), concatenated [W's | U's]. Given `kept_bw`,
-//                  the partial B_W x_W the previous update computed of the weights it wrote, W is not read: the kept
-//                  product stands in for B_W x_W, and pass 2 checks it.
-//   (all-reduce; y = b / ‖b‖ scaled by the subnormal guard, by the caller)
-//   pieces_pass2   for each piece, its partial short products B_Wᵀ y_W and B_Uᵀ y_U, concatenated [W's | U's], then
-//                  one element: 1 where a kept product was used and is not this pass's B_W x_W of the weights and
-//                  x_W as they are now, bit for bit (the same products in the same order give the same bits; any
-//                  change of the weights, of x_W or of the thread count gives other bits). Its B_W x_W is returned
-//                  too: where some rank's flag is set, the caller repeats the W half with it.
-//   (all-reduce; σ = ‖z‖ / c, the cap, by the caller)
+//                  B_W x_W and B_U x_U (zeros outside its rows/columns), concatenated [W's | U's] (b). Given
+//                  `kept_bw`, the partial B_W x_W the previous update computed of the weights it wrote, W is not
+//                  read: the kept product stands in for B_W x_W, and pass 2 checks it. On whole tall pieces it also
+//                  takes U's second half-step, z_U = B_Uᵀ b_U = Σ_i b_i U_i: b_i is row i's own product, so each row
+//                  is added while it is in the cache, and pass 2 need not read U there. (z: the short products,
+//                  [W's | U's], and a flag.)
+//   (all-reduce of b; y_W = c b_W / ‖b_W‖ scaled by the subnormal guard, and ‖b_U‖, by the caller)
+//   pieces_pass2   into z: for each piece, its partial B_Wᵀ y_W, and B_Uᵀ b_U where pass 1 did not take it; then the
+//                  flag: 1 where a kept product was used and is not this pass's B_W x_W of the weights and x_W as
+//                  they are now, bit for bit (the same products in the same order give the same bits; any change
+//                  of the weights, of x_W or of the thread count gives other bits). Its B_W x_W is returned: where
+//                  some rank's flag is set, the caller repeats the W half with it. (`full`: every piece's B_Uᵀ y_U,
+//                  for that repeat, or where B_Uᵀ b_U unnormalised is unsafe.)
+//   (all-reduce of z; σ_W = ‖z_W‖ / c, σ_U = ‖z_U‖ / ‖b_U‖, the cap, by the caller)
 //   pieces_update  A ← A (1 − α' λ) − α' U with α' per piece (the scheduled lr in the gaps), and each piece's
 //                  partial B_W x_W of the new weights and the new x_W: the next step's kept product, computed
 //                  while the rows are in cache, so that W is read twice per step, not three times.
 //
 // The arithmetic per element is the whole-matrix kernel's. Each pass is one parallel region over tasks of about
-// kTaskElements elements (row ranges of the pieces, or stretches of the gaps), split evenly across the
-// threads; column sums are accumulated per thread and added in thread order (deterministic for a given thread
-// count). (One region per pass, not per matrix: on a loaded machine every region waits for all its threads.)
-// all_finite reads a tensor once at memory speed: the non-finite check before a step.
+// kTaskElements elements (row ranges of the pieces, or stretches of the gaps), dealt to the threads in runs of
+// kDealTasks (row_tasks); column sums are accumulated per thread and added in thread order (deterministic for a
+// given thread count). (One region per pass, not per matrix: on a loaded machine every region waits for all its
+// threads.) all_finite reads a tensor once at memory speed: the non-finite check before a step.
 
 namespace {
 
 constexpr int64_t kTaskElements = 32768;
+constexpr size_t kDealTasks = 32;  // consecutive tasks dealt to a thread at a time: 4 MB of fp32 rows, streamed
 
 struct PieceRef {
   int64_t offset, start, numel, rows, cols;
@@ -534,6 +539,19 @@ struct RowTask {
   int64_t piece, r0, r1;  // rows [r0, r1) of a piece
 };
 
+// A piece holding its whole matrix (no other rank has any of it): its products need no reduction.
+inline bool whole(const PieceRef& p) { return p.start == 0 && p.numel == p.rows * p.cols; }
+// Pass 1 takes U's whole power step on a whole tall piece: b_i = U_i · x_U per row, then z_U += b_i U_i with the row
+// still in the cache (the short product of a tall matrix needs only its own row's b_i).
+inline bool u_in_pass1(const PieceRef& p) { return whole(p) && long_is_dot(p.rows, p.cols); }
+
+// The row tasks of the pieces, dealt out: with T threads, run k of kDealTasks consecutive tasks of the natural order
+// (piece by piece, rows in order) goes to the part of the list numbered k mod T, so that at::parallel_for's split by
+// count gives each thread every T-th run. A thread then gets as much of every kind of piece as the others (W alone
+// or with U in pass 2, tall whole pieces in pass 1), whatever the layout, where halves of the natural order can cost
+// 20 % apart; runs of 4 MB keep each thread streaming (single tasks dealt out cost the update 25 %). Every pass uses
+// this one list, so the column sums of a product come out the same in each (the update's B_W x_W and pass 2's
+// check of it, bit for bit).
 std::vector<RowTask> row_tasks(const std::vector<PieceRef>& pieces) {
   std::vector<RowTask> tasks;
   for (size_t i = 0; i < pieces.size(); ++i) {
@@ -543,7 +561,13 @@ std::vector<RowTask> row_tasks(const std::vector<PieceRef>& pieces) {
     for (int64_t r = p.r_first(); r <= p.r_last(); r += per)
       tasks.push_back({int64_t(i), r, std::min(r + per, p.r_last() + 1)});
   }
-  return tasks;
+  const size_t threads = size_t(std::max(1, at::get_num_threads())), deal = kDealTasks;
+  std::vector<RowTask> dealt;
+  dealt.reserve(tasks.size());
+  for (size_t k = 0; k < threads; ++k)
+    for (size_t t = k * deal; t < tasks.size(); t += threads * deal)
+      dealt.insert(dealt.end(), tasks.begin() + t, tasks.begin() + std::min(tasks.size(), t + deal));
+  return dealt;
 }
 
 // Element stretches [offset, offset + numel) cut into tasks of at most kTaskElements, with a value each.
@@ -572,7 +596,7 @@ struct PieceProducts {
   std::vector<int64_t> out_at, vec_at, axpy_at;
   int64_t axpy_total = 0;
   int threads = 1;
-  std::vector<float> partial;
+  std::vector<float> partial, second;
   const float* vec = nullptr;
   float* out = nullptr;
 
@@ -626,10 +650,18 @@ struct PieceProducts {
   inline float* partial_at(int64_t i, int64_t c0, int tid) {
     return partial.data() + static_cast<int64_t>(tid) * axpy_total + axpy_at[i] + c0;
   }
+  // A second set of per-thread partial sums (for rows read in lockstep with others of the same piece), added after
+  // the first in finish().
+  void with_second_half() { second.assign(partial.size(), 0.f); }
+  inline float* second_at(int64_t i, int tid) {
+    return second.data() + static_cast<int64_t>(tid) * axpy_total + axpy_at[i];
+  }
   void finish(const std::vector<PieceRef>& pieces) {
     for (size_t i = 0; i < pieces.size(); ++i) {
       if (dot[i]) continue;
       for (int t = 0; t < threads; ++t) axpy(out + out_at[i], partial_at(int64_t(i), 0, t), 1.f, pieces[i].cols);
+      if (second.empty()) continue;
+      for (int t = 0; t < threads; ++t) axpy(out + out_at[i], second_at(int64_t(i), t), 1.f, pieces[i].cols);
     }
   }
 };
@@ -641,30 +673,32 @@ struct NoEpilogue {
   void operator()() const {}
 };
 
+template <typename Fn>
+inline void task_segments(const std::vector<PieceRef>& pieces, const RowTask& task, int tid, Fn& fn) {
+  const PieceRef& p = pieces[task.piece];
+  // (the piece's first and last rows and columns once per task: no division per row)
+  const int64_t first = p.r_first(), last = p.r_last(), c_first = p.c_begin(first), c_last = p.c_end(last);
+  const int64_t n = p.cols, base0 = p.offset - p.start;  // element (r, c) is at base0 + r n + c
+  int64_t r = task.r0;
+  if (r == first && (c_first > 0 || (r == last && c_last < n))) {  // a row cut by the piece's start
+    const int64_t c1 = r == last ? c_last : n;
+    fn(task.piece, r, 1, c_first, c1 - c_first, base0 + r * n + c_first, tid);
+    ++r;
+  }
+  const int64_t whole_end = (task.r1 - 1 == last && c_last < n) ? task.r1 - 1 : task.r1;  // rows ending at n
+  while (r < whole_end) {
+    const int rows = int(std::min<int64_t>(kRowBlock, whole_end - r));
+    fn(task.piece, r, rows, int64_t(0), n, base0 + r * n, tid);
+    r += rows;
+  }
+  if (r < task.r1) fn(task.piece, r, 1, int64_t(0), c_last, base0 + r * n, tid);  // a row cut by the piece's end
+}
+
 template <typename Fn, typename Done = NoEpilogue>
 void for_row_segments(const std::vector<PieceRef>& pieces, const std::vector<RowTask>& tasks, Fn fn, Done done = {}) {
   at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
-    for (int64_t t = begin; t < end; ++t) {
-      const RowTask& task = tasks[t];
-      const PieceRef& p = pieces[task.piece];
-      // (the piece's first and last rows and columns once per task: no division per row)
-      const int64_t first = p.r_first(), last = p.r_last(), c_first = p.c_begin(first), c_last = p.c_end(last);
-      const int64_t n = p.cols, base0 = p.offset - p.start;  // element (r, c) is at base0 + r n + c
-      int64_t r = task.r0;
-      if (r == first && (c_first > 0 || (r == last && c_last < n))) {  // a row cut by the piece's start
-        const int64_t c1 = r == last ? c_last : n;
-        fn(task.piece, r, 1, c_first, c1 - c_first, base0 + r * n + c_first, tid);
-        ++r;
-      }
-      const int64_t whole_end = (task.r1 - 1 == last && c_last < n) ? task.r1 - 1 : task.r1;  // rows ending at n
-      while (r < whole_end) {
-        const int rows = int(std::min<int64_t>(kRowBlock, whole_end - r));
-        fn(task.piece, r, rows, int64_t(0), n, base0 + r * n, tid);
-        r += rows;
-      }
-      if (r < task.r1) fn(task.piece, r, 1, int64_t(0), c_last, base0 + r * n, tid);  // a row cut by the piece's end
-    }
+    for (int64_t t = begin; t < end; ++t) task_segments(pieces, tasks[t], tid, fn);
     done();
   });
 }
@@ -707,7 +741,8 @@ struct StreamMoments {
     return _mm512_div_ps(_mm512_mul_ps(mj, i1), _mm512_fmadd_ps(_mm512_sqrt_ps(vj), i2, eps));
   }
 
-  // kind: 0 no product, 1 dot with x (returned), 2 axpy into p with scale s. x and p are indexed like the row.
+  // kind: 0 no product, 1 dot with x (returned), 2 axpy into p with scale s, 3 the dot of 1 with the row's U also
+  // stored in p (a buffer the cache keeps, for the axpy that needs the dot first). x and p are indexed like the row.
   template <int kind>
   inline float row(const float* g, float* m, float* v, float* u, int64_t base, int64_t len, const float* x, float* p,
                    float s) const {
@@ -715,9 +750,10 @@ struct StreamMoments {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     const __m512 sv = _mm512_set1_ps(s);
     auto product = [&](__m512 q, int64_t j, __mmask16 mask, bool odd) {
-      if constexpr (kind == 1) {
+      if constexpr (kind == 1 || kind == 3) {
         const __m512 t = _mm512_maskz_mul_ps(mask, q, _mm512_maskz_loadu_ps(mask, x + j));
         if (odd) acc1 = _mm512_add_ps(acc1, t); else acc0 = _mm512_add_ps(acc0, t);
+        if constexpr (kind == 3) _mm512_mask_storeu_ps(p + j, mask, q);
       } else if constexpr (kind == 2) {
         _mm512_mask_storeu_ps(p + j, mask, _mm512_fmadd_ps(q, sv, _mm512_maskz_loadu_ps(mask, p + j)));
       }
@@ -743,7 +779,7 @@ struct StreamMoments {
       _mm512_mask_storeu_ps(u + j, mask, q);
       product(q, j, mask, odd);
     }
-    return kind == 1 ? _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) : 0.f;
+    return (kind == 1 || kind == 3) ? _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) : 0.f;
   }
 };
 
@@ -770,11 +806,12 @@ const float* kept_of(const at::Tensor& kept, int64_t long_total) {
   return kept.data_ptr<float>();
 }
 
-at::Tensor pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at::Tensor exp_avg_sq, at::Tensor work,
-                        std::vector<int64_t> offsets, std::vector<int64_t> starts, std::vector<int64_t> numels,
-                        std::vector<int64_t> rows, std::vector<int64_t> cols, std::vector<int64_t> gap_offsets,
-                        std::vector<int64_t> gap_numels, at::Tensor x_w, at::Tensor x_u, double bc1, double bc2,
-                        double beta1, double beta2, double eps, at::Tensor kept_bw) {
+std::vector<at::Tensor> pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
+                                     at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
+                                     std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
+                                     std::vector<int64_t> gap_offsets, std::vector<int64_t> gap_numels, at::Tensor x_w,
+                                     at::Tensor x_u, double bc1, double bc2, double beta1, double beta2, double eps,
+                                     at::Tensor kept_bw) {
   const int64_t partition = flat.numel();
   for (const at::Tensor* t : {&flat, &grad, &exp_avg, &exp_avg_sq, &work}) check_flat(*t, partition, "a partition tensor");
   const auto pieces = pieces_of(offsets, starts, numels, rows, cols, partition);
@@ -790,31 +827,47 @@ at::Tensor pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at
   float* const v = exp_avg_sq.data_ptr<float>();
   float* const u = work.data_ptr<float>();
   const auto gaps = span_tasks(gap_offsets, gap_numels, std::vector<double>(gap_offsets.size(), 0.0), partition);
-  at::Tensor out = at::zeros({2 * long_total}, at::kFloat);
+  at::Tensor b = at::zeros({2 * long_total}, at::kFloat), z = at::zeros({2 * short_total + 1}, at::kFloat);
   const float* const kept = kept_of(kept_bw, long_total);
   const bool read_w = kept == nullptr;
-  PieceProducts bw, bu;
-  if (read_w) {
-    bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), out.data_ptr<float>());
-  } else {
-    std::copy(kept, kept + long_total, out.data_ptr<float>());
+  std::vector<char> fast_u(pieces.size());
+  int64_t widest = 1;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    fast_u[i] = u_in_pass1(pieces[i]);
+    widest = std::max(widest, pieces[i].cols);
   }
-  bu.start(pieces, long_is_dot, long_len, short_len, x_u.data_ptr<float>(), out.data_ptr<float>() + long_total);
+  PieceProducts bw, bu, zu;
+  if (read_w) {
+    bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), b.data_ptr<float>());
+  } else {
+    std::copy(kept, kept + long_total, b.data_ptr<float>());
+  }
+  float* const b_u = b.data_ptr<float>() + long_total;
+  bu.start(pieces, long_is_dot, long_len, short_len, x_u.data_ptr<float>(), b_u);
+  zu.start(pieces, short_is_dot, short_len, long_len, b_u, z.data_ptr<float>() + short_total);  // z_U = B_Uᵀ b_U
 #if defined(__AVX512F__)
-  // U streamed out, its product taken in registers (StreamMoments); with no kept product, B_W x_W from the rows of W
-  // by the row functions, as the update computes it. (Every AVX-512 pass 1 takes this path, with or without a kept
-  // product, so that a resumed run, which has none at first, computes what the uninterrupted one does.)
+  // U streamed out, its product taken in registers (StreamMoments); on whole tall pieces the row also goes to a buffer
+  // the cache keeps, for z_U. (Every AVX-512 pass 1 takes this path, with or without a kept product, so that a resumed
+  // run, which has none at first, computes what the uninterrupted one does.)
   const StreamMoments sm(mo);
-  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, &sm, g, m, v, u](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) sm.row<0>(g, m, v, u, gaps[t].offset, gaps[t].numel, nullptr, nullptr, 0.f);
+  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, &sm, g, m, v, u](int64_t bg, int64_t e) {
+    for (int64_t t = bg; t < e; ++t) sm.row<0>(g, m, v, u, gaps[t].offset, gaps[t].numel, nullptr, nullptr, 0.f);
     _mm_sfence();
   });
+  std::vector<float> rows_kept(static_cast<size_t>(at::get_num_threads()) * widest);
   for_row_segments(
       pieces, row_tasks(pieces),
-      [&bw, &bu, sm, g, m, v, u, w, read_w](int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base,
-                                            int tid) {
+      [&bw, &bu, &zu, &fast_u, &rows_kept, widest, sm, g, m, v, u, w, read_w](
+          int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base, int tid) {
         const float* const xv = bu.vec + bu.vec_at[i];
-        if (bu.dot[i]) {  // (rows > 1: whole rows, len apart)
+        if (fast_u[i]) {  // whole rows: b_i, then z_U += b_i U_i from the kept row
+          float* const o = bu.out + bu.out_at[i] + r;
+          float* const row = rows_kept.data() + static_cast<int64_t>(tid) * widest;
+          for (int k = 0; k < rows; ++k) {
+            o[k] = sm.row<3>(g, m, v, u, base + k * len, len, xv, row, 0.f);
+            zu.segment(i, row, r + k, 1, 0, len, tid);
+          }
+        } else if (bu.dot[i]) {  // (rows > 1: whole rows, len apart)
           float* const o = bu.out + bu.out_at[i] + r;
           for (int k = 0; k < rows; ++k) o[k] = sm.row<1>(g, m, v, u, base + k * len, len, xv + c0, nullptr, 0.f);
         } else {
@@ -825,25 +878,62 @@ at::Tensor pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at
       },
       [] { _mm_sfence(); });
 #else
-  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, mo, g, m, v, u](int64_t b, int64_t e) {  // moments and U only
-    for (int64_t t = b; t < e; ++t) mo.run(g, m, v, u, gaps[t].offset, gaps[t].numel);
+  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, mo, g, m, v, u](int64_t bg, int64_t e) {  // moments and U only
+    for (int64_t t = bg; t < e; ++t) mo.run(g, m, v, u, gaps[t].offset, gaps[t].numel);
   });
-  for_row_segments(pieces, row_tasks(pieces), [&bw, &bu, mo, g, m, v, u, w, read_w](
+  for_row_segments(pieces, row_tasks(pieces), [&bw, &bu, &zu, &fast_u, mo, g, m, v, u, w, read_w](
                                                   int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base, int tid) {
     mo.run(g, m, v, u, base, rows * len);
     if (read_w) bw.segment(i, w + base, r, rows, c0, len, tid);
     bu.segment(i, u + base, r, rows, c0, len, tid);
+    if (fast_u[i]) zu.segment(i, u + base, r, rows, c0, len, tid);
   });
 #endif
   if (read_w) bw.finish(pieces);
   bu.finish(pieces);
-  return out;
+  zu.finish(pieces);
+  return {b, z};
 }
 
-std::vector<at::Tensor> pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets,
-                                     std::vector<int64_t> starts, std::vector<int64_t> numels, std::vector<int64_t> rows,
-                                     std::vector<int64_t> cols, at::Tensor y_w, at::Tensor y_u, at::Tensor x_w,
-                                     at::Tensor kept_bw) {
+// Pass 2 on the rows [r0, r1) of a whole tall piece whose U pass 1 has done: only W is read (B_Wᵀ y_W, and B_W x_W to
+// check the kept one). The two halves of the rows are read in lockstep, blocks of up to kRowBlock rows from each, so
+// that a core has two streams from memory in flight (as pair_rows gives the pieces whose W and U are both read);
+// the second half's column sums go to zw's second partial sums.
+void w_alone(PieceProducts& zw, PieceProducts& bw, const PieceRef& p, const RowTask& task, const float* w, bool check,
+             int tid) {
+  const int64_t n = p.cols, i = task.piece, mid = task.r0 + (task.r1 - task.r0 + 1) / 2;
+  const float* const y = zw.vec + zw.vec_at[i];
+  float* const za = zw.partial_at(i, 0, tid);
+  float* const zb = zw.second_at(i, tid);
+  const float* const a = w + p.offset;  // row r at a + r n (a whole piece starts at its matrix's start)
+  int64_t rb = mid;
+  for (int64_t ra = task.r0; ra < mid;) {
+    const int rows = int(std::min<int64_t>(kRowBlock, mid - ra));
+    if (rb + rows <= task.r1) {
+      by_rows(rows, [&](auto k) {
+        constexpr int R = decltype(k)::value;
+        pair_rows<R, false>(a + ra * n, a + rb * n, n, y + ra, y + rb, za, zb);
+        if (check) {
+          const float* const x = bw.vec + bw.vec_at[i];
+          pair_rows<R, true>(a + ra * n, a + rb * n, n, x, x, bw.out + bw.out_at[i] + ra, bw.out + bw.out_at[i] + rb);
+        }
+      });
+      rb += rows;
+    } else {  // the first half's last rows, where the second has fewer left
+      by_rows(rows, [&](auto k) { axpy_rows<decltype(k)::value>(za, a + ra * n, n, y + ra); });
+      if (check) bw.segment(i, a + ra * n, ra, rows, 0, n, tid);
+    }
+    ra += rows;
+  }
+  for (; rb < task.r1; ++rb) {  // the second half's last rows, if any
+    axpy_rows<1>(zb, a + rb * n, n, y + rb);
+    if (check) bw.segment(i, a + rb * n, rb, 1, 0, n, tid);
+  }
+}
+
+at::Tensor pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
+                        std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
+                        at::Tensor y_w, at::Tensor y_u, at::Tensor x_w, at::Tensor kept_bw, at::Tensor z, bool full) {
   const int64_t partition = flat.numel();
   for (const at::Tensor* t : {&flat, &work}) check_flat(*t, partition, "a partition tensor");
   const auto pieces = pieces_of(offsets, starts, numels, rows, cols, partition);
@@ -852,20 +942,36 @@ std::vector<at::Tensor> pieces_pass2(at::Tensor flat, at::Tensor work, std::vect
                   y_w.scalar_type() == at::kFloat && y_u.scalar_type() == at::kFloat && x_w.numel() == short_total &&
                   x_w.is_contiguous() && x_w.scalar_type() == at::kFloat,
               "hf_weyl cpu kernel: the vectors do not match the pieces");
+  TORCH_CHECK(z.numel() == 2 * short_total + 1 && z.is_contiguous() && z.scalar_type() == at::kFloat,
+              "hf_weyl cpu kernel: z must hold both short sides and a flag");
   const float* const w = flat.data_ptr<float>();
   const float* const u = work.data_ptr<float>();
-  at::Tensor out = at::zeros({2 * short_total + 1}, at::kFloat);
+  float* const out = z.data_ptr<float>();
   const float* const kept = kept_of(kept_bw, long_total);
   at::Tensor fresh = at::zeros({kept != nullptr ? long_total : 0}, at::kFloat);
+  std::vector<char> u_here(pieces.size());  // U's short product still to take: all (full), else what pass 1 left
+  for (size_t i = 0; i < pieces.size(); ++i) u_here[i] = full || !u_in_pass1(pieces[i]);
   PieceProducts zw, zu, bw;
-  zw.start(pieces, short_is_dot, short_len, long_len, y_w.data_ptr<float>(), out.data_ptr<float>());
-  zu.start(pieces, short_is_dot, short_len, long_len, y_u.data_ptr<float>(), out.data_ptr<float>() + short_total);
+  zw.start(pieces, short_is_dot, short_len, long_len, y_w.data_ptr<float>(), out);
+  zu.start(pieces, short_is_dot, short_len, long_len, y_u.data_ptr<float>(), out + short_total);
   if (kept != nullptr) bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), fresh.data_ptr<float>());
   const bool check = kept != nullptr;
-  for_row_segments(pieces, row_tasks(pieces), [&zw, &zu, &bw, w, u, check](
-                                                  int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base, int tid) {
+  auto segment = [&zw, &zu, &bw, w, u, check](int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base,
+                                              int tid) {
     zw.segment_pass2(zu, i, w + base, u + base, r, rows, c0, len, tid);
     if (check) bw.segment(i, w + base, r, rows, c0, len, tid);
+  };
+  zw.with_second_half();
+  const auto tasks = row_tasks(pieces);
+  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    for (int64_t t = begin; t < end; ++t) {
+      if (u_here[tasks[t].piece]) {
+        task_segments(pieces, tasks[t], tid, segment);
+      } else {
+        w_alone(zw, bw, pieces[tasks[t].piece], tasks[t], w, check, tid);
+      }
+    }
   });
   zw.finish(pieces);
   zu.finish(pieces);
@@ -874,9 +980,9 @@ std::vector<at::Tensor> pieces_pass2(at::Tensor flat, at::Tensor work, std::vect
     const float* const now = fresh.data_ptr<float>();
     bool same = true;  // bit for bit: NaN weights never validate
     for (int64_t i = 0; i < long_total && same; ++i) same = now[i] == kept[i];
-    out.data_ptr<float>()[2 * short_total] = same ? 0.f : 1.f;
+    out[2 * short_total] = same ? 0.f : 1.f;
   }
-  return {out, fresh};
+  return fresh;
 }
 
 at::Tensor pieces_update(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
@@ -930,12 +1036,34 @@ std::vector<int64_t> segment_starts(const at::Tensor& v, const std::vector<int64
   return starts;
 }
 
+// (segments in parallel, each computed as a whole by one thread: the same bits with any thread count)
+template <typename Fn>
+void for_segments(size_t count, Fn fn) {
+  at::parallel_for(0, int64_t(count), 1, [&fn](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(size_t(i));
+  });
+}
+
 at::Tensor segments_unit_scaled_(at::Tensor b, std::vector<int64_t> sizes) {
   const auto starts = segment_starts(b, sizes);
   at::Tensor c = at::empty({int64_t(sizes.size())}, at::kFloat);
   float* const data = b.data_ptr<float>();
-  for (size_t i = 0; i < sizes.size(); ++i) c.data_ptr<float>()[i] = to_unit_scaled(data + starts[i], sizes[i]);
+  float* const out = c.data_ptr<float>();
+  for_segments(sizes.size(), [&](size_t i) { out[i] = to_unit_scaled(data + starts[i], sizes[i]); });
   return c;
+}
+
+// ‖b‖ per segment (scale-safe, unit_'s), b unchanged.
+at::Tensor segments_norm(at::Tensor b, std::vector<int64_t> sizes) {
+  const auto starts = segment_starts(b, sizes);
+  at::Tensor norms = at::empty({int64_t(sizes.size())}, at::kFloat);
+  const float* const data = b.data_ptr<float>();
+  float* const out = norms.data_ptr<float>();
+  for_segments(sizes.size(), [&](size_t i) {
+    std::vector<float> copy(data + starts[i], data + starts[i + 1]);
+    out[i] = unit_(copy);
+  });
+  return norms;
 }
 
 at::Tensor segments_sigma_(at::Tensor z, std::vector<int64_t> sizes, at::Tensor c, at::Tensor x) {
@@ -946,8 +1074,9 @@ at::Tensor segments_sigma_(at::Tensor z, std::vector<int64_t> sizes, at::Tensor 
   at::Tensor sigma = at::empty({int64_t(sizes.size())}, at::kFloat);
   float* const zd = z.data_ptr<float>();
   float* const xd = x.data_ptr<float>();
-  for (size_t i = 0; i < sizes.size(); ++i)
-    sigma.data_ptr<float>()[i] = finish_sigma(zd + starts[i], sizes[i], c.data_ptr<float>()[i], xd + starts[i]);
+  const float* const cd = c.data_ptr<float>();
+  float* const out = sigma.data_ptr<float>();
+  for_segments(sizes.size(), [&](size_t i) { out[i] = finish_sigma(zd + starts[i], sizes[i], cd[i], xd + starts[i]); });
   return sigma;
 }
 
@@ -978,8 +1107,11 @@ bool all_finite(at::Tensor t) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("weyl_step", &weyl_step, "AdamW² step for a list of CPU matrices in three fused passes");
-  module.def("pieces_pass1", &pieces_pass1, "moments, U and the partial long products of matrix pieces (fp32)");
-  module.def("pieces_pass2", &pieces_pass2, "the partial short products of matrix pieces, and the kept product's check (fp32)");
+  module.def("pieces_pass1", &pieces_pass1,
+             "moments, U, the partial long products of matrix pieces, the short ones of whole pieces (fp32)");
+  module.def("pieces_pass2", &pieces_pass2,
+             "the partial short products pass 1 left, and the kept product's check (fp32)");
+  module.def("segments_norm", &segments_norm, "‖b‖ per segment, scale-safe");
   module.def("pieces_update", &pieces_update, "the capped update of a flat partition and its pieces' next partial B_W x_W (fp32)");
   module.def("segments_unit_scaled_", &segments_unit_scaled_, "y = c b / ‖b‖ per segment, in place; returns c");
   module.def("segments_sigma_", &segments_sigma_, "σ = ‖z‖ / c per segment; x ← z / ‖z‖ where σ > 0");
