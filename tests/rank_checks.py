@@ -79,3 +79,11 @@ class KernelRecorder:
     def pieces_pass2(self, *args):
         self.steps[-1]["pass2"].append(args[-2])  # z, which pass 2 fills (its flag last) and the step then reduces
         return self._kernel.pieces_pass2(*args)
+
+    def shards_pass1(self, *args):  # (the same on shards: their pieces' starts and sizes stand for the partition)
+        self.steps.append({"flat": (tuple(args[5]), tuple(args[6])), "kept": args[-1].numel() > 0, "pass2": []})
+        return self._kernel.shards_pass1(*args)
+
+    def shards_pass2(self, *args):
+        self.steps[-1]["pass2"].append(args[-2])
+        return self._kernel.shards_pass2(*args)

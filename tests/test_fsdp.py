@@ -62,15 +62,32 @@ def torchrun(out: Path, *args: str, ranks: int = 2, timeout: int = 600, fused_cp
     return json.loads(out.read_text())
 
 
+# With the fused CPU step: FSDP2's CPU shards past the fresh steps (the pieces kernel on shards), and the σ traffic it
+# hands to the collectives.
+FUSED_CHECKS = ["fused_shards_gpt2", "fused_shards_net", "fused_shards_cpu_offload", "fused_shards_dcp_resume",
+                "comm_formula_vector_reduce"]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     return torchrun(tmp_path_factory.mktemp("fsdp") / "results.json", *CHECKS)
+
+
+@pytest.fixture(scope="module")
+def fused_results(tmp_path_factory):
+    return torchrun(tmp_path_factory.mktemp("fsdp_fused") / "results.json", *FUSED_CHECKS, fused_cpu=True)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("check", CHECKS)
 def test_fsdp2_two_ranks(results, check):
     assert results.get(check) == "ok", results.get(check, "check did not run")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("check", FUSED_CHECKS)
+def test_fsdp2_two_ranks_fused_cpu_step(fused_results, check):
+    assert fused_results.get(check) == "ok", fused_results.get(check, "check did not run")
 
 
 @pytest.mark.distributed

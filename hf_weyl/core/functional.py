@@ -29,6 +29,8 @@ shards, ZeRO flat partitions) and the *parts* of parameters they hold with their
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -340,7 +342,7 @@ def fused_cpu_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
 
 
 #: The implementations of :func:`adamweyl` (see :func:`choose_impl`).
-IMPLS = ("eager", "fused_cpu", "fused_pieces")
+IMPLS = ("eager", "fused_cpu", "fused_pieces", "fused_shards")
 
 
 def _fused_pieces_applies(params: list[Tensor], grads: list[Tensor], parts: list[list[Part]]) -> bool:
@@ -354,6 +356,25 @@ def _fused_pieces_applies(params: list[Tensor], grads: list[Tensor], parts: list
             if part.whole_unit or not isinstance(part.layout, RowPiece):
                 return False
             groups.add(id(part.layout.group))
+    return len(groups) == 1
+
+
+def _fused_shards_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                          parts: list[list[Part]], capped: list[bool]) -> bool:
+    """Every unit one contiguous fp32 CPU tensor (parameter, gradient, moments) holding one part; the capped ones row
+    pieces over one process group, each the whole unit (FSDP2's dim-0 shards under ``CPUOffloadPolicy``)."""
+    groups = set()
+    for param, grad, m, v, unit_parts, cap in zip(params, grads, exp_avgs, exp_avg_sqs, parts, capped):
+        if len(unit_parts) != 1 or not unit_parts[0].whole_unit:
+            return False
+        if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                   and t.numel() == param.numel() for t in (param, grad, m, v)):
+            return False
+        layout = unit_parts[0].layout
+        if cap:
+            if not isinstance(layout, RowPiece) or layout.numel != param.numel():
+                return False
+            groups.add(id(layout.group))
     return len(groups) == 1
 
 
@@ -377,6 +398,8 @@ def choose_impl(
       three passes per matrix, b_W kept between steps;
     * ``"fused_pieces"``: flat fp32 CPU partitions of row pieces (ZeRO, ZeRO-Offload), each with a capped piece, one
       power iteration (warm steps), ``vector_reduce`` — the same kernel's piece passes with two vector all-reduces;
+    * ``"fused_shards"``: the same on pieces that are tensors of their own (FSDP2's dim-0 shards on the CPU), torch's
+      fused AdamW for the tensors that are not capped;
     * ``"eager"``: everything else (any device, layout, dtype; a device-tensor lr), and everywhere with
       ``HF_WEYL_CPU_KERNEL=0``, under ``torch.compile``, or when the kernel is not built.
     """
@@ -386,11 +409,16 @@ def choose_impl(
         if fused_cpu_applies(params, grads, exp_avgs, exp_avg_sqs) and cpu_kernel() is not None:
             return "fused_cpu"
         return "eager"
+    if power_iters != (1, 1) or sigma_mode != "vector_reduce":
+        return "eager"
     every_unit_capped = all(any(_of_unit(list(capped), parts, u)) for u in range(len(parts)))
-    if (every_unit_capped and power_iters == (1, 1) and sigma_mode == "vector_reduce"
-            and _fused_pieces_applies(params, grads, parts) and cpu_kernel() is not None):
-        return "fused_pieces"
-    return "eager"
+    if every_unit_capped and _fused_pieces_applies(params, grads, parts):
+        impl = "fused_pieces"
+    elif _fused_shards_applies(params, grads, exp_avgs, exp_avg_sqs, parts, list(capped)):
+        impl = "fused_shards"
+    else:
+        return "eager"
+    return impl if cpu_kernel() is not None else "eager"  # (built only where it would run)
 
 
 def adamweyl(
@@ -435,6 +463,9 @@ def adamweyl(
                                    _of_unit(weight_vectors, parts, u), _of_unit(update_vectors, parts, u), sigma, work,
                                    **hyper) for u in range(len(params))]
         return tuple(torch.cat(x) for x in zip(*outs))  # type: ignore[return-value]
+    if impl == "fused_shards":
+        return _fused_shards_step(cpu_kernel(), params, grads, exp_avgs, exp_avg_sqs, steps, parts, weight_vectors,
+                                  update_vectors, sigma, work, **hyper)
     if impl != "eager":
         raise ValueError(f"unknown AdamW² implementation {impl!r}; valid: {IMPLS}")
     return _eager_step(params, grads, exp_avgs, exp_avg_sqs, steps, parts, weight_vectors, update_vectors, **hyper,
@@ -592,13 +623,8 @@ def _fused_cpu_step(
     n = len(params)
     ratio, sigma_w, sigma_u = torch.ones(n), torch.zeros(n), torch.zeros(n)
     idx = [i for i, v in enumerate(weight_vectors) if v is not None]
-    rest = [i for i, v in enumerate(weight_vectors) if v is None]
-    if rest:
-        torch._fused_adamw_(
-            [params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
-            [exp_avg_sqs[i] for i in rest], [], [steps[i] for i in rest],
-            lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
-        )
+    _adamw_uncapped(params, grads, exp_avgs, exp_avg_sqs, steps, weight_vectors, lr=lr, beta1=beta1, beta2=beta2,
+                    eps=eps, weight_decay=weight_decay)
     if idx:
         ts = [float(steps[i]) for i in idx]  # step counters live on the CPU
         stats = kernel.weyl_step(
@@ -613,6 +639,33 @@ def _fused_cpu_step(
         sigma_w.index_copy_(0, index, stats[1])
         sigma_u.index_copy_(0, index, stats[2])
     return ratio, sigma_w, sigma_u
+
+
+def _adamw_uncapped(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                    steps: list[Tensor], weight_vectors: list[Tensor | None], *, lr: float, beta1: float, beta2: float,
+                    eps: float, weight_decay: float) -> None:
+    """torch's fused AdamW on the units that are not capped (no vectors), counters already advanced."""
+    rest = [i for i, v in enumerate(weight_vectors) if v is None]
+    if rest:
+        torch._fused_adamw_(
+            [params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
+            [exp_avg_sqs[i] for i in rest], [], [steps[i] for i in rest],
+            lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+        )
+
+
+def _capped_stats(work: WorkBuffer, weight_vectors: list[Tensor | None], both: Tensor, *, lr: float,
+                  tau: float) -> tuple[Tensor, Tensor, Tensor, list[float]]:
+    """(lr ratio, σ_W, σ_U) per part from ``both`` = [σ_W | σ_U] of the capped parts, and the capped parts' lrs."""
+    idx = [i for i, v in enumerate(weight_vectors) if v is not None]
+    n, k = len(weight_vectors), len(idx)
+    index = constant_tensor(work, "index", tuple(idx), torch.device("cpu"))
+    sigma_w, sigma_u = torch.zeros(n), torch.zeros(n)
+    sigma_w.index_copy_(0, index, both[:k])
+    sigma_u.index_copy_(0, index, both[k:])
+    capped = constant_tensor(work, "capped", tuple(v is not None for v in weight_vectors), torch.device("cpu"), torch.bool)
+    ratio = cap_ratio(sigma_w, sigma_u, capped, lr=lr, tau=tau)
+    return ratio, sigma_w, sigma_u, [lr * r for r in ratio[index].tolist()]
 
 
 def _fused_pieces_step(
@@ -655,17 +708,97 @@ def _fused_pieces_step(
     group = parts[idx[0]].layout.group
     plan = _pieces_plan(work, flat.numel(), [parts[i] for i in idx])
     buffer = work.get(torch.float32, flat.numel())
+    passes = _Passes(
+        lambda x_w, x_u, kept: kernel.pieces_pass1(flat, grad, exp_avg, exp_avg_sq, buffer, *plan.pieces, *plan.gaps,
+                                                   x_w, x_u, 1 - beta1**t, 1 - beta2**t, beta1, beta2, eps, kept),
+        lambda *vectors_kept_z_full: kernel.pieces_pass2(flat, buffer, *plan.pieces, *vectors_kept_z_full),
+    )
     w_vecs, u_vecs = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
+    both, x_w = _power_step(kernel, passes, plan, w_vecs, u_vecs, work.products.pop(flat, _NO_PRODUCT),
+                            _no_reduce if _one_rank(group) else sigma.all_reduce_, group)
+    ratio, sigma_w, sigma_u, lrs = _capped_stats(work, weight_vectors, both, lr=lr, tau=tau)
+    work.products[flat] = kernel.pieces_update(flat, buffer, *plan.pieces, lrs, *plan.gaps, lr, weight_decay, x_w)
+    return ratio, sigma_w, sigma_u
+
+
+def _fused_shards_step(
+    kernel,
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    parts: list[list[Part]],
+    weight_vectors: list[Tensor | None],
+    update_vectors: list[Tensor | None],
+    sigma: ShardedSigma,
+    work: WorkBuffer,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    tau: float,
+    power_iters: PowerIters,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused pieces step on shards, one unit per parameter (FSDP2 on the CPU): the capped ones through the pieces
+    kernel's ``shards_*`` passes (each shard its own tensors, U in one work buffer), the others through torch's fused
+    AdamW. The capped units' step counters must agree (one bias correction per call); else the eager step runs."""
+    idx = [i for i, v in enumerate(weight_vectors) if v is not None]
+    counts = {float(steps[i]) for i in idx}
+    if len(counts) > 1:
+        return _eager_step(params, grads, exp_avgs, exp_avg_sqs, steps, parts, weight_vectors, update_vectors, lr=lr,
+                           beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, tau=tau,
+                           power_iters=power_iters, sigma=sigma, sigma_mode="vector_reduce", work=work,
+                           no_host_reads=False)
+    advance_steps_(steps)
+    _adamw_uncapped(params, grads, exp_avgs, exp_avg_sqs, steps, weight_vectors, lr=lr, beta1=beta1, beta2=beta2,
+                    eps=eps, weight_decay=weight_decay)
+    if not idx:
+        n = len(params)
+        return torch.ones(n), torch.zeros(n), torch.zeros(n)
+    t = float(steps[idx[0]])
+    capped_parts = [parts[i][0] for i in idx]
+    group = capped_parts[0].layout.group
+    plan = _pieces_plan(work, None, capped_parts)
+    buffer = work.get(torch.float32, max(1, sum(plan.pieces[1])))
+    ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+    ms, vs = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
+    passes = _Passes(
+        lambda x_w, x_u, kept: kernel.shards_pass1(ps, gs, ms, vs, buffer, *plan.pieces, x_w, x_u, 1 - beta1**t,
+                                                   1 - beta2**t, beta1, beta2, eps, kept),
+        lambda *vectors_kept_z_full: kernel.shards_pass2(ps, buffer, *plan.pieces, *vectors_kept_z_full),
+    )
+    key = capped_parts[0].param  # the first capped parameter: the kept product's owner (a stable object)
+    w_vecs, u_vecs = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
+    both, x_w = _power_step(kernel, passes, plan, w_vecs, u_vecs, work.products.pop(key, _NO_PRODUCT),
+                            _no_reduce if _one_rank(group) else sigma.all_reduce_, group)
+    ratio, sigma_w, sigma_u, lrs = _capped_stats(work, weight_vectors, both, lr=lr, tau=tau)
+    work.products[key] = kernel.shards_update(ps, buffer, *plan.pieces, lrs, weight_decay, x_w)
+    return ratio, sigma_w, sigma_u
+
+
+class _Passes(NamedTuple):
+    """The first two passes of the pieces kernel on one layout: ``pass1(x_w, x_u, kept) -> (b, z)`` and
+    ``pass2(y_w, y_u, x_w, kept, z, full) -> fresh``."""
+
+    pass1: Callable
+    pass2: Callable
+
+
+def _power_step(kernel, passes: _Passes, plan: _PiecesPlan, w_vecs: list[Tensor], u_vecs: list[Tensor], kept: Tensor,
+                reduce_: Callable, group) -> tuple[Tensor, Tensor]:
+    """The power step of the pieces kernel's passes 1 and 2 with the reductions between them: σ_W and σ_U of every
+    capped matrix (concatenated), and x_W after it (the vectors are updated in place). ``kept``: the partial B_W x_W
+    the last update kept (or an empty tensor)."""
     x = torch.cat(w_vecs + u_vecs)
-    k, half_short, half_long = len(idx), plan.short_sizes_total // 2, plan.long_sizes_total // 2
+    k, half_short, half_long = len(w_vecs), plan.short_sizes_total // 2, plan.long_sizes_total // 2
     x_w, x_u = x[:half_short], x[half_short:]
-    kept = work.products.pop(flat, _NO_PRODUCT)
-    reduce_ = _no_reduce if _one_rank(group) else sigma.all_reduce_  # (a group of one: the sum is the tensor)
 
     # pass 1: moments, U, B_U x_U (and B_W x_W where none was kept), and U's whole power step on whole tall pieces:
     # z_U = B_Uᵀ b_U row by row. All-reduce the long products; y_W = c b_W / ‖b_W‖ per matrix.
-    b, z = kernel.pieces_pass1(flat, grad, exp_avg, exp_avg_sq, buffer, *plan.pieces, *plan.gaps, x_w, x_u,
-                               1 - beta1**t, 1 - beta2**t, beta1, beta2, eps, kept)
+    b, z = passes.pass1(x_w, x_u, kept)
     local_bw = b[:half_long].clone() if kept.numel() != half_long else None  # this rank's own, for a repeat
     reduce_(b, group)
     b_w, b_u = b[:half_long], b[half_long:]
@@ -674,7 +807,7 @@ def _fused_pieces_step(
 
     # pass 2: B_Wᵀ y_W, the B_Uᵀ b_U pass 1 left (wide or split pieces), and whether the kept B_W x_W is still that of
     # the weights and x_W; all-reduce
-    fresh = kernel.pieces_pass2(flat, buffer, *plan.pieces, b_w, b_u, x_w, kept, z, False)
+    fresh = passes.pass2(b_w, b_u, x_w, kept, z, False)
     reduce_(z, group)
     c = torch.cat([c_w, norm_u])
     stale = z[-1].item() > 0  # a reduced flag: the kept B_W x_W is not that of the weights now on some rank
@@ -686,21 +819,11 @@ def _fused_pieces_step(
             c_w = kernel.segments_unit_scaled_(b_w, plan.long_sizes[:k])
         c = torch.cat([c_w, kernel.segments_unit_scaled_(b_u, plan.long_sizes[k:])])
         z = torch.zeros_like(z)
-        kernel.pieces_pass2(flat, buffer, *plan.pieces, b_w, b_u, x_w, _NO_PRODUCT, z, True)
+        passes.pass2(b_w, b_u, x_w, _NO_PRODUCT, z, True)
         reduce_(z, group)
     both = kernel.segments_sigma_(z[:-1], plan.short_sizes, c, x)  # σ = ‖z‖ / c; x ← z / ‖z‖ where σ > 0
     torch._foreach_copy_(w_vecs + u_vecs, list(x.split(plan.short_sizes)))
-
-    n = len(parts)
-    index = constant_tensor(work, "index", tuple(idx), torch.device("cpu"))
-    sigma_w, sigma_u = torch.zeros(n), torch.zeros(n)
-    sigma_w.index_copy_(0, index, both[:k])
-    sigma_u.index_copy_(0, index, both[k:])
-    capped = constant_tensor(work, "capped", tuple(v is not None for v in weight_vectors), torch.device("cpu"), torch.bool)
-    ratio = cap_ratio(sigma_w, sigma_u, capped, lr=lr, tau=tau)
-    lrs = [lr * r for r in ratio[index].tolist()]
-    work.products[flat] = kernel.pieces_update(flat, buffer, *plan.pieces, lrs, *plan.gaps, lr, weight_decay, x_w)
-    return ratio, sigma_w, sigma_u
+    return both, x_w
 
 
 _NO_PRODUCT = torch.zeros(0)
@@ -728,22 +851,29 @@ def _unscaled_u_safe(kernel, norm_u: Tensor, z_u: Tensor) -> bool:
 
 
 class _PiecesPlan:
-    """What the fused pieces step passes its kernel for one layout of a partition: the pieces' (offsets, starts,
-    numels, rows, cols), the gaps' (offsets, numels), and the vector segments [W's | U's] of the short and the long
-    side."""
+    """What the fused pieces step passes its kernel for one layout: the pieces' (offsets, starts, numels, rows, cols)
+    of a flat partition (``numel`` its size) and its gaps' (offsets, numels) — or, ``numel`` None, the pieces'
+    (starts, numels, rows, cols) of shards that are tensors of their own — and the vector segments [W's | U's] of the
+    short and the long side."""
 
-    def __init__(self, numel: int, parts: list[Part]) -> None:
+    def __init__(self, numel: int | None, parts: list[Part]) -> None:
         dims = [part.layout.dims for part in parts]
-        offsets, numels = [part.offset for part in parts], [part.numel for part in parts]
-        self.pieces = (offsets, [part.layout.start for part in parts], numels, [m for m, _ in dims], [n for _, n in dims])
-        gaps = uncovered(numel, list(zip(offsets, numels)))
-        self.gaps = ([g[0] for g in gaps], [g[1] for g in gaps])
+        starts, rows, cols = [part.layout.start for part in parts], [m for m, _ in dims], [n for _, n in dims]
+        self.gaps: tuple = ()
+        if numel is None:
+            self.pieces: tuple = (starts, [part.layout.numel for part in parts], rows, cols)
+        else:
+            offsets, numels = [part.offset for part in parts], [part.numel for part in parts]
+            self.pieces = (offsets, starts, numels, rows, cols)
+            gaps = uncovered(numel, list(zip(offsets, numels)))
+            self.gaps = ([g[0] for g in gaps], [g[1] for g in gaps])
         self.short_sizes = [min(m, n) for m, n in dims] * 2
         self.long_sizes = [max(m, n) for m, n in dims] * 2
         self.short_sizes_total, self.long_sizes_total = sum(self.short_sizes), sum(self.long_sizes)
 
 
-def _pieces_plan(work: WorkBuffer, numel: int, parts: list[Part]) -> _PiecesPlan:
-    """The plan of a partition of ``numel`` elements holding these capped parts, made once per layout."""
-    key = ("pieces", numel, tuple((p.offset, p.numel, p.layout.start, p.layout.dims) for p in parts))
+def _pieces_plan(work: WorkBuffer, numel: int | None, parts: list[Part]) -> _PiecesPlan:
+    """The plan of a partition of ``numel`` elements (None: of shards) holding these capped parts, made once per
+    layout."""
+    key = ("pieces", numel, tuple((p.offset, p.numel, p.layout.start, p.layout.numel, p.layout.dims) for p in parts))
     return work.constant(key, lambda: _PiecesPlan(numel, parts))

@@ -214,16 +214,20 @@ def _gather_matrices(pieces: list[Tensor], where: Pieces) -> list[Tensor]:
 
 
 def comm_bytes_per_step(
-    shapes: list[tuple[int, ...]], world: int, mode: str, *, power_iters: int = 1, bytes_per_float: int = 4
+    shapes: list[tuple[int, ...]], world: int, mode: str, *, power_iters: int = 1, bytes_per_float: int = 4,
+    fused: bool = False,
 ) -> dict[str, float]:
     """Payload bytes one rank hands to the σ collectives per optimizer step for these capped tensors (one
-    call of :func:`sharded_sigmas`), and the bytes it sends on the wire with ring algorithms."""
+    call of :func:`sharded_sigmas`), and the bytes it sends on the wire with ring algorithms. ``fused``: the fused
+    CPU step (``vector_reduce``, warm steps, CPU fp32 shards or ZeRO partitions), whose second all-reduce carries
+    one float more, the kept product's check."""
     if mode not in SIGMA_MODES:
         raise ValueError(f"unknown sigma_mode {mode!r}; valid: {SIGMA_MODES}")
     if not shapes:
         return {"payload": 0, "wire": 0, "collectives": 0}
     if mode == "vector_reduce":
         payload = sum(2 * (m + n) for m, n in map(matrix_dims, shapes)) * power_iters * bytes_per_float
+        payload += 4 if fused else 0
         return {"payload": payload, "wire": 2 * (world - 1) / world * payload, "collectives": 2 * power_iters}
     numel = sum(torch.Size(s).numel() for s in shapes)
     local = 2 * numel / world * bytes_per_float  # W and U pieces (≈ evenly split)

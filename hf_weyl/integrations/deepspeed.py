@@ -439,7 +439,8 @@ def comm_bytes_per_step(
     (DeepSpeed's step checks the gradient norm and AdamWeyl sees that it does: ZeRO-3, ZeRO-1/2 under offload);
     and with ``fused`` (the fused CPU step: CPU fp32 partitions, ``vector_reduce``, warm steps) one float more in
     the second all-reduce, the kept product's check."""
-    sigma = sigma_comm_bytes(shapes, world, mode, power_iters=power_iters, bytes_per_float=bytes_per_float)
-    extra = (0 if engine_checks else 4) + (4 if fused and shapes else 0)
+    sigma = sigma_comm_bytes(shapes, world, mode, power_iters=power_iters, bytes_per_float=bytes_per_float,
+                             fused=fused)
+    extra = 0 if engine_checks else 4
     calls = sigma["collectives"] + (0 if engine_checks else 1)
     return {"payload": sigma["payload"] + extra, "wire": sigma["wire"] + extra, "collectives": calls}

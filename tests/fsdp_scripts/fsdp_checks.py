@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_tiny_gpt2  # noqa: E402
 from layout_net import LayoutNet, layout_batch, layout_groups, layout_loss, layout_reference  # noqa: E402
-from rank_checks import full_weights, run_checks, stats_by_name  # noqa: E402
+from rank_checks import KernelRecorder, full_weights, run_checks, stats_by_name  # noqa: E402
 
 import hf_weyl  # noqa: E402
 from hf_weyl import AdamWeyl, unwrap_adamweyl  # noqa: E402
@@ -283,6 +283,78 @@ def check_dcp_resume(kind="gpt2", **policy):
         assert torch.equal(got_vectors[name][0], w) and torch.equal(got_vectors[name][1], u), f"vectors of {name} differ"
 
 
+def with_kernel(enabled: bool):
+    """HF_WEYL_CPU_KERNEL for what follows (choose_impl reads it at every step)."""
+    os.environ["HF_WEYL_CPU_KERNEL"] = "1" if enabled else "0"
+
+
+def check_fused_shards(kind, **policy):
+    """Past the fresh steps, FSDP2's CPU fp32 shards take the fused kernel (``fused_shards``: the pieces passes on
+    shards that are tensors of their own, torch's fused AdamW for the rest): weights and stats equal to the eager
+    FSDP2 step (HF_WEYL_CPU_KERNEL=0) to float rounding with the cap binding, the kept B_W x_W used from the second
+    fused step on and always found valid (one pass 2 per step)."""
+    import hf_weyl.core.functional as fn
+    from hf_weyl.core.functional import FRESH_STEPS
+
+    steps, launch = FRESH_STEPS + 4, os.environ.get("HF_WEYL_CPU_KERNEL")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    rec = KernelRecorder()
+    real = fn._fused_shards_step
+    fn._fused_shards_step = lambda kernel, *a, **k: real(rec.around(kernel), *a, **k)
+    runs = []
+    try:
+        for enabled in (False, True):
+            with_kernel(enabled)
+            model = shard(make_model(kind), kind, mesh, **policy)
+            opt = make_optimizer(model)
+            train(kind, model, opt, steps)
+            runs.append((full_weights(model), stats_by_name(model, opt)))
+    finally:
+        os.environ["HF_WEYL_CPU_KERNEL"] = launch or "1"
+        fn._fused_shards_step = real
+    assert len(rec.steps) >= 4, f"the fused shards step ran {len(rec.steps)} times"
+    per_group = {}
+    for entry in rec.steps:
+        per_group.setdefault(entry["flat"], []).append(entry["kept"])
+    for kept in per_group.values():  # nothing kept at a group's first fused step, then always
+        assert kept == [False] + [True] * (len(kept) - 1), kept
+    assert rec.flags == [0.0] * len(rec.steps), rec.flags  # one pass 2 per step, never a repeat
+    (w_eager, s_eager), (w_fused, s_fused) = runs
+    what = f"FSDP2 {kind} {policy or ''} fused shards vs eager: "
+    assert_close(w_fused, w_eager, rtol=1e-5, what=what)  # (ZeRO's fused step is held to the same)
+    compare_stats(s_fused, s_eager, 1e-5, what)
+
+
+def check_fused_shards_dcp_resume(kind="gpt2"):
+    """A DCP checkpoint taken between fused steps resumes bit for bit: the resumed run's first step has no kept
+    B_W x_W and computes it from the weights, as the uninterrupted run's update kept it."""
+    import hf_weyl.core.functional as fn
+    from hf_weyl.core.functional import FRESH_STEPS
+
+    with_kernel(True)
+    ran, real = [], fn._fused_shards_step
+    fn._fused_shards_step = lambda *a, **k: ran.append(1) or real(*a, **k)
+    try:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        model = shard(make_model(kind), kind, mesh)
+        opt = make_optimizer(model)
+        train(kind, model, opt, FRESH_STEPS + 2)
+        folder = shared_dir("fused_resume")
+        save_dcp(model, opt, folder)
+        train(kind, model, opt, 3, first_step=FRESH_STEPS + 2)
+        want = full_weights(model)
+        model2 = shard(make_model(kind, seed=123), kind, mesh)
+        opt2 = make_optimizer(model2)
+        load_dcp(model2, opt2, folder)
+        train(kind, model2, opt2, 3, first_step=FRESH_STEPS + 2)
+        got = full_weights(model2)
+    finally:
+        fn._fused_shards_step = real
+    assert len(ran) >= 2 * 3, f"the fused shards step ran {len(ran)} times"
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"DCP resume between fused steps: {name} differs"
+
+
 def check_save_for_other_world_size(folder, kind="gpt2"):
     """2 ranks: DCP checkpoint and a full (unsharded) state dict after 2 steps, and the weights after 2 more."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -429,6 +501,7 @@ def check_trainer_single(folder):
 
 def check_comm_formula(mode):
     """Bytes handed to the σ collectives in one warm step = hf_weyl.distributed.comm_bytes_per_step."""
+    from hf_weyl.core.cpu_kernel import kernel_disabled
     from hf_weyl.distributed import COMM_STATS, comm_bytes_per_step
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -440,7 +513,8 @@ def check_comm_formula(mode):
     COMM_STATS.reset()
     train("gpt2", model, opt, 1, first_step=FRESH_STEPS)
     shapes = [tuple(p.shape) for p in model.parameters() if p.ndim >= 2]
-    want = comm_bytes_per_step(shapes, dist.get_world_size(), mode)
+    fused = mode == "vector_reduce" and not kernel_disabled()  # the fused CPU step (the launch's HF_WEYL_CPU_KERNEL)
+    want = comm_bytes_per_step(shapes, dist.get_world_size(), mode, fused=fused)
     if mode == "vector_reduce":  # exact
         assert COMM_STATS.bytes == want["payload"], (COMM_STATS.bytes, want)
     else:  # the formula assumes even pieces; uneven shards move a little more or less
@@ -489,6 +563,10 @@ CHECKS = {
     "refuse_fsdp1_orig_params": lambda: check_refuse_fsdp1(True),
     "refuse_fsdp1_flat_params": lambda: check_refuse_fsdp1(False),
     **{f"comm_formula_{m}": (lambda m=m: check_comm_formula(m)) for m in ("vector_reduce", "gather")},
+    "fused_shards_gpt2": lambda: check_fused_shards("gpt2"),
+    "fused_shards_net": lambda: check_fused_shards("net"),
+    "fused_shards_cpu_offload": lambda: check_fused_shards("gpt2", offload_policy=CPUOffloadPolicy(pin_memory=False)),
+    "fused_shards_dcp_resume": check_fused_shards_dcp_resume,
     "accelerate_fsdp2": check_accelerate,  # last: they create accelerate's global state
     # (pinned memory needs an accelerator: the plugin's cpu_offload=True means pin_memory=True)
     "accelerate_fsdp2_cpu_offload": lambda: check_accelerate(cpu_offload=CPUOffloadPolicy(pin_memory=False)),

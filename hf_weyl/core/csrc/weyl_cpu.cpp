@@ -496,6 +496,10 @@ at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> gra
 //                  partial B_W x_W of the new weights and the new x_W: the next step's kept product, computed
 //                  while the rows are in cache, so that W is read twice per step, not three times.
 //
+// shards_pass1, shards_pass2, shards_update: the same passes on pieces that are tensors of their own (FSDP2's dim-0
+// shards: piece i is params[i], with its gradient and moments, offset 0), U of the pieces one after the other in the
+// work buffer, and no gaps (the caller steps the tensors it does not cap).
+//
 // The arithmetic per element is the whole-matrix kernel's. Each pass is one parallel region over tasks of about
 // kTaskElements elements (row ranges of the pieces, or stretches of the gaps), dealt to the threads in runs of
 // kDealTasks (row_tasks); column sums are accumulated per thread and added in thread order (deterministic for a
@@ -806,27 +810,101 @@ const float* kept_of(const at::Tensor& kept, int64_t long_total) {
   return kept.data_ptr<float>();
 }
 
-std::vector<at::Tensor> pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
-                                     at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
-                                     std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
-                                     std::vector<int64_t> gap_offsets, std::vector<int64_t> gap_numels, at::Tensor x_w,
-                                     at::Tensor x_u, double bc1, double bc2, double beta1, double beta2, double eps,
-                                     at::Tensor kept_bw) {
+// Where the passes find the pieces' elements: element (r, c) of piece i is at X + offset_i − start_i + r n + c for X each
+// of `of[i]`'s arrays — one flat partition: the partition's arrays for every piece; shards (one tensor per piece):
+// each piece its own, offset 0, and its U in the work buffer at its place. `gaps` (flat partitions only): stretches
+// of `flat`'s arrays stepped without a product.
+struct Arrays {
+  float* w = nullptr;
+  const float* g = nullptr;
+  float* m = nullptr;
+  float* v = nullptr;
+  float* u = nullptr;
+};
+
+struct PieceLayout {
+  std::vector<PieceRef> pieces;
+  std::vector<Arrays> of;
+  Arrays flat;
+  std::vector<SpanTask> gaps;
+  int64_t long_total = 0, short_total = 0;
+};
+
+PieceLayout flat_layout(const at::Tensor& flat, const at::Tensor* grad, const at::Tensor* exp_avg, const at::Tensor* exp_avg_sq,
+                   const at::Tensor& work, const std::vector<int64_t>& offsets, const std::vector<int64_t>& starts,
+                   const std::vector<int64_t>& numels, const std::vector<int64_t>& rows,
+                   const std::vector<int64_t>& cols, const std::vector<int64_t>& gap_offsets,
+                   const std::vector<int64_t>& gap_numels, double gap_value) {
   const int64_t partition = flat.numel();
-  for (const at::Tensor* t : {&flat, &grad, &exp_avg, &exp_avg_sq, &work}) check_flat(*t, partition, "a partition tensor");
-  const auto pieces = pieces_of(offsets, starts, numels, rows, cols, partition);
-  const int64_t long_total = total(pieces, long_len), short_total = total(pieces, short_len);
-  TORCH_CHECK(x_w.numel() == short_total && x_u.numel() == short_total && x_w.is_contiguous() && x_u.is_contiguous() &&
-                  x_w.scalar_type() == at::kFloat && x_u.scalar_type() == at::kFloat,
-              "hf_weyl cpu kernel: the vectors do not match the pieces");
-  const Moments mo{float(beta1), float(beta2), float(1 - beta1), float(1 - beta2), float(eps), float(1.0 / bc1),
-                   float(1.0 / std::sqrt(bc2))};
-  float* const w = flat.data_ptr<float>();
-  const float* const g = grad.data_ptr<float>();
-  float* const m = exp_avg.data_ptr<float>();
-  float* const v = exp_avg_sq.data_ptr<float>();
-  float* const u = work.data_ptr<float>();
-  const auto gaps = span_tasks(gap_offsets, gap_numels, std::vector<double>(gap_offsets.size(), 0.0), partition);
+  for (const at::Tensor* t : {&flat, grad, exp_avg, exp_avg_sq, &work})
+    if (t != nullptr) check_flat(*t, partition, "a partition tensor");
+  PieceLayout out;
+  out.pieces = pieces_of(offsets, starts, numels, rows, cols, partition);
+  out.flat = {flat.data_ptr<float>(), grad ? grad->data_ptr<float>() : nullptr,
+              exp_avg ? exp_avg->data_ptr<float>() : nullptr, exp_avg_sq ? exp_avg_sq->data_ptr<float>() : nullptr,
+              work.data_ptr<float>()};
+  out.of.assign(out.pieces.size(), out.flat);
+  out.gaps = span_tasks(gap_offsets, gap_numels, std::vector<double>(gap_offsets.size(), gap_value), partition);
+  out.long_total = total(out.pieces, long_len);
+  out.short_total = total(out.pieces, short_len);
+  return out;
+}
+
+// Shards: piece i is the whole tensor ws[i] (and gs[i], ms[i], vs[i] where given), elements [starts[i], starts[i] +
+// numels[i]) of its (rows[i] × cols[i]) matrix; U of the pieces lies in `work`, one after the other.
+PieceLayout shard_layout(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& gs,
+                    const std::vector<at::Tensor>& ms, const std::vector<at::Tensor>& vs, const at::Tensor& work,
+                    const std::vector<int64_t>& starts, const std::vector<int64_t>& numels,
+                    const std::vector<int64_t>& rows, const std::vector<int64_t>& cols) {
+  const size_t count = ws.size();
+  TORCH_CHECK((gs.empty() || gs.size() == count) && ms.size() == gs.size() && vs.size() == gs.size(),
+              "hf_weyl cpu kernel: shard lists of different lengths");
+  int64_t used = 0;
+  for (int64_t n : numels) used += n;
+  check_flat(work, used, "the work buffer");
+  PieceLayout out;
+  out.pieces = pieces_of(std::vector<int64_t>(count, 0), starts, numels, rows, cols, INT64_MAX);
+  out.of.resize(count);
+  float* u = work.data_ptr<float>();
+  for (size_t i = 0; i < count; ++i) {
+    for (const auto* list : {&ws, &gs, &ms, &vs}) {
+      if (list->empty()) continue;
+      const at::Tensor& t = (*list)[i];
+      TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat && t.device().is_cpu() && t.numel() == numels[i],
+                  "hf_weyl cpu kernel: a shard must be a contiguous fp32 CPU tensor of its piece's size");
+    }
+    out.of[i] = {ws[i].data_ptr<float>(), gs.empty() ? nullptr : gs[i].data_ptr<float>(),
+                 ms.empty() ? nullptr : ms[i].data_ptr<float>(), vs.empty() ? nullptr : vs[i].data_ptr<float>(), u};
+    u += numels[i];
+  }
+  out.long_total = total(out.pieces, long_len);
+  out.short_total = total(out.pieces, short_len);
+  return out;
+}
+
+Moments moments_of(double bc1, double bc2, double beta1, double beta2, double eps) {
+  return {float(beta1), float(beta2), float(1 - beta1), float(1 - beta2), float(eps), float(1.0 / bc1),
+          float(1.0 / std::sqrt(bc2))};
+}
+
+void check_vectors(const PieceLayout& l, std::initializer_list<const at::Tensor*> shorts,
+                   std::initializer_list<const at::Tensor*> longs) {
+  for (const at::Tensor* t : shorts)
+    TORCH_CHECK(t->numel() == l.short_total && t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "hf_weyl cpu kernel: the vectors do not match the pieces");
+  for (const at::Tensor* t : longs)
+    TORCH_CHECK(t->numel() == l.long_total && t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "hf_weyl cpu kernel: the vectors do not match the pieces");
+}
+
+std::vector<at::Tensor> pass1(const PieceLayout& l, const at::Tensor& x_w, const at::Tensor& x_u, const Moments& mo,
+                              const at::Tensor& kept_bw) {
+  check_vectors(l, {&x_w, &x_u}, {});
+  const auto& pieces = l.pieces;
+  const auto& of = l.of;
+  const auto& gaps = l.gaps;
+  const int64_t long_total = l.long_total, short_total = l.short_total;
+  const Arrays fl = l.flat;
   at::Tensor b = at::zeros({2 * long_total}, at::kFloat), z = at::zeros({2 * short_total + 1}, at::kFloat);
   const float* const kept = kept_of(kept_bw, long_total);
   const bool read_w = kept == nullptr;
@@ -850,15 +928,20 @@ std::vector<at::Tensor> pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tenso
   // the cache keeps, for z_U. (Every AVX-512 pass 1 takes this path, with or without a kept product, so that a resumed
   // run, which has none at first, computes what the uninterrupted one does.)
   const StreamMoments sm(mo);
-  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, &sm, g, m, v, u](int64_t bg, int64_t e) {
-    for (int64_t t = bg; t < e; ++t) sm.row<0>(g, m, v, u, gaps[t].offset, gaps[t].numel, nullptr, nullptr, 0.f);
+  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, &sm, fl](int64_t bg, int64_t e) {
+    for (int64_t t = bg; t < e; ++t)
+      sm.row<0>(fl.g, fl.m, fl.v, fl.u, gaps[t].offset, gaps[t].numel, nullptr, nullptr, 0.f);
     _mm_sfence();
   });
   std::vector<float> rows_kept(static_cast<size_t>(at::get_num_threads()) * widest);
   for_row_segments(
       pieces, row_tasks(pieces),
-      [&bw, &bu, &zu, &fast_u, &rows_kept, widest, sm, g, m, v, u, w, read_w](
-          int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base, int tid) {
+      [&bw, &bu, &zu, &fast_u, &rows_kept, &of, widest, sm, read_w](int64_t i, int64_t r, int rows, int64_t c0,
+                                                                      int64_t len, int64_t base, int tid) {
+        const float* const g = of[i].g;
+        float* const m = of[i].m;
+        float* const v = of[i].v;
+        float* const u = of[i].u;
         const float* const xv = bu.vec + bu.vec_at[i];
         if (fast_u[i]) {  // whole rows: b_i, then z_U += b_i U_i from the kept row
           float* const o = bu.out + bu.out_at[i] + r;
@@ -874,25 +957,47 @@ std::vector<at::Tensor> pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tenso
           float* const part = bu.partial_at(i, c0, tid);
           for (int k = 0; k < rows; ++k) sm.row<2>(g, m, v, u, base + k * len, len, nullptr, part, xv[r + k]);
         }
-        if (read_w) bw.segment(i, w + base, r, rows, c0, len, tid);
+        if (read_w) bw.segment(i, of[i].w + base, r, rows, c0, len, tid);
       },
       [] { _mm_sfence(); });
 #else
-  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, mo, g, m, v, u](int64_t bg, int64_t e) {  // moments and U only
-    for (int64_t t = bg; t < e; ++t) mo.run(g, m, v, u, gaps[t].offset, gaps[t].numel);
+  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, mo, fl](int64_t bg, int64_t e) {  // moments and U only
+    for (int64_t t = bg; t < e; ++t) mo.run(fl.g, fl.m, fl.v, fl.u, gaps[t].offset, gaps[t].numel);
   });
-  for_row_segments(pieces, row_tasks(pieces), [&bw, &bu, &zu, &fast_u, mo, g, m, v, u, w, read_w](
+  for_row_segments(pieces, row_tasks(pieces), [&bw, &bu, &zu, &fast_u, &of, mo, read_w](
                                                   int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base, int tid) {
-    mo.run(g, m, v, u, base, rows * len);
-    if (read_w) bw.segment(i, w + base, r, rows, c0, len, tid);
-    bu.segment(i, u + base, r, rows, c0, len, tid);
-    if (fast_u[i]) zu.segment(i, u + base, r, rows, c0, len, tid);
+    const Arrays& a = of[i];
+    mo.run(a.g, a.m, a.v, a.u, base, rows * len);
+    if (read_w) bw.segment(i, a.w + base, r, rows, c0, len, tid);
+    bu.segment(i, a.u + base, r, rows, c0, len, tid);
+    if (fast_u[i]) zu.segment(i, a.u + base, r, rows, c0, len, tid);
   });
 #endif
   if (read_w) bw.finish(pieces);
   bu.finish(pieces);
   zu.finish(pieces);
   return {b, z};
+}
+
+std::vector<at::Tensor> pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
+                                     at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
+                                     std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
+                                     std::vector<int64_t> gap_offsets, std::vector<int64_t> gap_numels, at::Tensor x_w,
+                                     at::Tensor x_u, double bc1, double bc2, double beta1, double beta2, double eps,
+                                     at::Tensor kept_bw) {
+  const PieceLayout l = flat_layout(flat, &grad, &exp_avg, &exp_avg_sq, work, offsets, starts, numels, rows, cols,
+                               gap_offsets, gap_numels, 0.0);
+  return pass1(l, x_w, x_u, moments_of(bc1, bc2, beta1, beta2, eps), kept_bw);
+}
+
+std::vector<at::Tensor> shards_pass1(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+                                     std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+                                     at::Tensor work, std::vector<int64_t> starts, std::vector<int64_t> numels,
+                                     std::vector<int64_t> rows, std::vector<int64_t> cols, at::Tensor x_w, at::Tensor x_u,
+                                     double bc1, double bc2, double beta1, double beta2, double eps, at::Tensor kept_bw) {
+  TORCH_CHECK(grads.size() == params.size(), "hf_weyl cpu kernel: shard lists of different lengths");
+  const PieceLayout l = shard_layout(params, grads, exp_avgs, exp_avg_sqs, work, starts, numels, rows, cols);
+  return pass1(l, x_w, x_u, moments_of(bc1, bc2, beta1, beta2, eps), kept_bw);
 }
 
 // Pass 2 on the rows [r0, r1) of a whole tall piece whose U pass 1 has done: only W is read (B_Wᵀ y_W, and B_W x_W to
@@ -931,21 +1036,14 @@ void w_alone(PieceProducts& zw, PieceProducts& bw, const PieceRef& p, const RowT
   }
 }
 
-at::Tensor pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
-                        std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
-                        at::Tensor y_w, at::Tensor y_u, at::Tensor x_w, at::Tensor kept_bw, at::Tensor z, bool full) {
-  const int64_t partition = flat.numel();
-  for (const at::Tensor* t : {&flat, &work}) check_flat(*t, partition, "a partition tensor");
-  const auto pieces = pieces_of(offsets, starts, numels, rows, cols, partition);
-  const int64_t long_total = total(pieces, long_len), short_total = total(pieces, short_len);
-  TORCH_CHECK(y_w.numel() == long_total && y_u.numel() == long_total && y_w.is_contiguous() && y_u.is_contiguous() &&
-                  y_w.scalar_type() == at::kFloat && y_u.scalar_type() == at::kFloat && x_w.numel() == short_total &&
-                  x_w.is_contiguous() && x_w.scalar_type() == at::kFloat,
-              "hf_weyl cpu kernel: the vectors do not match the pieces");
+at::Tensor pass2(const PieceLayout& l, const at::Tensor& y_w, const at::Tensor& y_u, const at::Tensor& x_w,
+                 const at::Tensor& kept_bw, at::Tensor& z, bool full) {
+  check_vectors(l, {&x_w}, {&y_w, &y_u});
+  const auto& pieces = l.pieces;
+  const auto& of = l.of;
+  const int64_t long_total = l.long_total, short_total = l.short_total;
   TORCH_CHECK(z.numel() == 2 * short_total + 1 && z.is_contiguous() && z.scalar_type() == at::kFloat,
               "hf_weyl cpu kernel: z must hold both short sides and a flag");
-  const float* const w = flat.data_ptr<float>();
-  const float* const u = work.data_ptr<float>();
   float* const out = z.data_ptr<float>();
   const float* const kept = kept_of(kept_bw, long_total);
   at::Tensor fresh = at::zeros({kept != nullptr ? long_total : 0}, at::kFloat);
@@ -956,10 +1054,10 @@ at::Tensor pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> o
   zu.start(pieces, short_is_dot, short_len, long_len, y_u.data_ptr<float>(), out + short_total);
   if (kept != nullptr) bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), fresh.data_ptr<float>());
   const bool check = kept != nullptr;
-  auto segment = [&zw, &zu, &bw, w, u, check](int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base,
-                                              int tid) {
-    zw.segment_pass2(zu, i, w + base, u + base, r, rows, c0, len, tid);
-    if (check) bw.segment(i, w + base, r, rows, c0, len, tid);
+  auto segment = [&zw, &zu, &bw, &of, check](int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base,
+                                             int tid) {
+    zw.segment_pass2(zu, i, of[i].w + base, of[i].u + base, r, rows, c0, len, tid);
+    if (check) bw.segment(i, of[i].w + base, r, rows, c0, len, tid);
   };
   zw.with_second_half();
   const auto tasks = row_tasks(pieces);
@@ -969,7 +1067,7 @@ at::Tensor pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> o
       if (u_here[tasks[t].piece]) {
         task_segments(pieces, tasks[t], tid, segment);
       } else {
-        w_alone(zw, bw, pieces[tasks[t].piece], tasks[t], w, check, tid);
+        w_alone(zw, bw, pieces[tasks[t].piece], tasks[t], of[tasks[t].piece].w, check, tid);
       }
     }
   });
@@ -985,42 +1083,63 @@ at::Tensor pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> o
   return fresh;
 }
 
-at::Tensor pieces_update(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
-                         std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
-                         std::vector<double> lrs, std::vector<int64_t> gap_offsets, std::vector<int64_t> gap_numels,
-                         double gap_lr, double weight_decay, at::Tensor x_w) {
-  const int64_t partition = flat.numel();
-  for (const at::Tensor* t : {&flat, &work}) check_flat(*t, partition, "a partition tensor");
-  const auto pieces = pieces_of(offsets, starts, numels, rows, cols, partition);
-  const int64_t long_total = total(pieces, long_len), short_total = total(pieces, short_len);
+at::Tensor pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
+                        std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
+                        at::Tensor y_w, at::Tensor y_u, at::Tensor x_w, at::Tensor kept_bw, at::Tensor z, bool full) {
+  const PieceLayout l = flat_layout(flat, nullptr, nullptr, nullptr, work, offsets, starts, numels, rows, cols, {}, {}, 0.0);
+  return pass2(l, y_w, y_u, x_w, kept_bw, z, full);
+}
+
+at::Tensor shards_pass2(std::vector<at::Tensor> params, at::Tensor work, std::vector<int64_t> starts,
+                        std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
+                        at::Tensor y_w, at::Tensor y_u, at::Tensor x_w, at::Tensor kept_bw, at::Tensor z, bool full) {
+  const PieceLayout l = shard_layout(params, {}, {}, {}, work, starts, numels, rows, cols);
+  return pass2(l, y_w, y_u, x_w, kept_bw, z, full);
+}
+
+at::Tensor update(const PieceLayout& l, const std::vector<double>& lrs, double weight_decay, const at::Tensor& x_w) {
+  check_vectors(l, {&x_w}, {});
+  const auto& pieces = l.pieces;
+  const auto& of = l.of;
+  const auto& gaps = l.gaps;
   TORCH_CHECK(lrs.size() == pieces.size(), "hf_weyl cpu kernel: one lr per piece");
-  TORCH_CHECK(x_w.numel() == short_total && x_w.is_contiguous() && x_w.scalar_type() == at::kFloat,
-              "hf_weyl cpu kernel: the vectors do not match the pieces");
-  float* const w = flat.data_ptr<float>();
-  const float* const u = work.data_ptr<float>();
   const float wd = float(weight_decay);
-  const auto gaps = span_tasks(gap_offsets, gap_numels, std::vector<double>(gap_offsets.size(), gap_lr), partition);
-  auto update = [w, u, wd](int64_t base, int64_t len, float eff_lr) {
-    float* const wt = w + base;
-    const float* const ut = u + base;
+  auto step = [wd](float* wt, const float* ut, int64_t len, float eff_lr) {
     const float decay = 1.f - eff_lr * wd;
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) wt[j] = wt[j] * decay - eff_lr * ut[j];
   };
-  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, &update](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) update(gaps[t].offset, gaps[t].numel, gaps[t].value);
+  const Arrays fl = l.flat;
+  at::parallel_for(0, int64_t(gaps.size()), 1, [&gaps, &step, fl](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) step(fl.w + gaps[t].offset, fl.u + gaps[t].offset, gaps[t].numel, gaps[t].value);
   });
   std::vector<float> piece_lr(lrs.begin(), lrs.end());
-  at::Tensor next = at::zeros({long_total}, at::kFloat);
+  at::Tensor next = at::zeros({l.long_total}, at::kFloat);
   PieceProducts bw;
   bw.start(pieces, long_is_dot, long_len, short_len, x_w.data_ptr<float>(), next.data_ptr<float>());
-  for_row_segments(pieces, row_tasks(pieces), [&bw, &update, &piece_lr, w](
+  for_row_segments(pieces, row_tasks(pieces), [&bw, &step, &piece_lr, &of](
                                                   int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base, int tid) {
-    update(base, rows * len, piece_lr[i]);
-    bw.segment(i, w + base, r, rows, c0, len, tid);
+    step(of[i].w + base, of[i].u + base, rows * len, piece_lr[i]);
+    bw.segment(i, of[i].w + base, r, rows, c0, len, tid);
   });
   bw.finish(pieces);
   return next;
+}
+
+at::Tensor pieces_update(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
+                         std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
+                         std::vector<double> lrs, std::vector<int64_t> gap_offsets, std::vector<int64_t> gap_numels,
+                         double gap_lr, double weight_decay, at::Tensor x_w) {
+  const PieceLayout l = flat_layout(flat, nullptr, nullptr, nullptr, work, offsets, starts, numels, rows, cols,
+                                    gap_offsets, gap_numels, gap_lr);
+  return update(l, lrs, weight_decay, x_w);
+}
+
+at::Tensor shards_update(std::vector<at::Tensor> params, at::Tensor work, std::vector<int64_t> starts,
+                         std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
+                         std::vector<double> lrs, double weight_decay, at::Tensor x_w) {
+  const PieceLayout l = shard_layout(params, {}, {}, {}, work, starts, numels, rows, cols);
+  return update(l, lrs, weight_decay, x_w);
 }
 
 // The power step's maths between the passes, per segment of a concatenated fp32 vector (the whole-matrix kernel's):
@@ -1111,6 +1230,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "moments, U, the partial long products of matrix pieces, the short ones of whole pieces (fp32)");
   module.def("pieces_pass2", &pieces_pass2,
              "the partial short products pass 1 left, and the kept product's check (fp32)");
+  module.def("shards_pass1", &shards_pass1, "pieces_pass1 on pieces that are tensors of their own (FSDP2's shards)");
+  module.def("shards_pass2", &shards_pass2, "pieces_pass2 on pieces that are tensors of their own");
+  module.def("shards_update", &shards_update, "pieces_update on pieces that are tensors of their own");
   module.def("segments_norm", &segments_norm, "‖b‖ per segment, scale-safe");
   module.def("pieces_update", &pieces_update, "the capped update of a flat partition and its pieces' next partial B_W x_W (fp32)");
   module.def("segments_unit_scaled_", &segments_unit_scaled_, "y = c b / ‖b‖ per segment, in place; returns c");
