@@ -553,7 +553,7 @@ inline bool u_in_pass1(const PieceRef& p) { return whole(p) && long_is_dot(p.row
 // (piece by piece, rows in order) goes to the part of the list numbered k mod T, so that at::parallel_for's split by
 // count gives each thread every T-th run. A thread then gets as much of every kind of piece as the others (W alone
 // or with U in pass 2, tall whole pieces in pass 1), whatever the layout, where halves of the natural order can cost
-// 20 % apart; runs of 4 MB keep each thread streaming (single tasks dealt out cost the update 25 %). Every pass uses
+// 20 % apart; runs of 4 MB keep each thread streaming (single tasks dealt out cost the update 37 %). Every pass uses
 // this one list, so the column sums of a product come out the same in each (the update's B_W x_W and pass 2's
 // check of it, bit for bit).
 std::vector<RowTask> row_tasks(const std::vector<PieceRef>& pieces) {
