@@ -714,8 +714,7 @@ def _fused_pieces_step(
         lambda *vectors_kept_z_full: kernel.pieces_pass2(flat, buffer, *plan.pieces, *vectors_kept_z_full),
     )
     w_vecs, u_vecs = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
-    both, x_w = _power_step(kernel, passes, plan, w_vecs, u_vecs, work.products.pop(flat, _NO_PRODUCT),
-                            _no_reduce if _one_rank(group) else sigma.all_reduce_, group)
+    both, x_w = _power_step(kernel, passes, plan, w_vecs, u_vecs, work.products.pop(flat, _NO_PRODUCT), sigma, group)
     ratio, sigma_w, sigma_u, lrs = _capped_stats(work, weight_vectors, both, lr=lr, tau=tau)
     work.products[flat] = kernel.pieces_update(flat, buffer, *plan.pieces, lrs, *plan.gaps, lr, weight_decay, x_w)
     return ratio, sigma_w, sigma_u
@@ -746,8 +745,7 @@ def _fused_shards_step(
     kernel's ``shards_*`` passes (each shard its own tensors, U in one work buffer), the others through torch's fused
     AdamW. The capped units' step counters must agree (one bias correction per call); else the eager step runs."""
     idx = [i for i, v in enumerate(weight_vectors) if v is not None]
-    counts = {float(steps[i]) for i in idx}
-    if len(counts) > 1:
+    if len({float(steps[i]) for i in idx}) > 1:  # (step counters live on the CPU)
         return _eager_step(params, grads, exp_avgs, exp_avg_sqs, steps, parts, weight_vectors, update_vectors, lr=lr,
                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, tau=tau,
                            power_iters=power_iters, sigma=sigma, sigma_mode="vector_reduce", work=work,
@@ -772,8 +770,7 @@ def _fused_shards_step(
     )
     key = capped_parts[0].param  # the first capped parameter: the kept product's owner (a stable object)
     w_vecs, u_vecs = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
-    both, x_w = _power_step(kernel, passes, plan, w_vecs, u_vecs, work.products.pop(key, _NO_PRODUCT),
-                            _no_reduce if _one_rank(group) else sigma.all_reduce_, group)
+    both, x_w = _power_step(kernel, passes, plan, w_vecs, u_vecs, work.products.pop(key, _NO_PRODUCT), sigma, group)
     ratio, sigma_w, sigma_u, lrs = _capped_stats(work, weight_vectors, both, lr=lr, tau=tau)
     work.products[key] = kernel.shards_update(ps, buffer, *plan.pieces, lrs, weight_decay, x_w)
     return ratio, sigma_w, sigma_u
@@ -788,10 +785,11 @@ class _Passes(NamedTuple):
 
 
 def _power_step(kernel, passes: _Passes, plan: _PiecesPlan, w_vecs: list[Tensor], u_vecs: list[Tensor], kept: Tensor,
-                reduce_: Callable, group) -> tuple[Tensor, Tensor]:
-    """The power step of the pieces kernel's passes 1 and 2 with the reductions between them: σ_W and σ_U of every
-    capped matrix (concatenated), and x_W after it (the vectors are updated in place). ``kept``: the partial B_W x_W
-    the last update kept (or an empty tensor)."""
+                sigma: ShardedSigma, group) -> tuple[Tensor, Tensor]:
+    """The power step of the pieces kernel's passes 1 and 2 with the reductions over ``group`` between them (none
+    on a group of one rank: the sum is the tensor): σ_W and σ_U of every capped matrix (concatenated), and x_W after
+    it (the vectors are updated in place). ``kept``: the partial B_W x_W the last update kept (or an empty tensor)."""
+    reduce_ = _no_reduce if _one_rank(group) else sigma.all_reduce_
     x = torch.cat(w_vecs + u_vecs)
     k, half_short, half_long = len(w_vecs), plan.short_sizes_total // 2, plan.long_sizes_total // 2
     x_w, x_u = x[:half_short], x[half_short:]

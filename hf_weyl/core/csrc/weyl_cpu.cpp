@@ -144,9 +144,9 @@ inline void axpy(float* out, const float* a, float s, int64_t n) {
 // R consecutive rows (stride n) at once: out[r] = dot(a + r n, x, n) and out += Σ_r s[r] · a[r n ..]. Every product
 // of row pieces but pass 1's of U goes through these two (or pair_rows, the same on two arrays): per row kLanes lanes,
 // lane l summing the elements j ≡ l (mod kLanes) of the whole kLanes-blocks by FMAs in order, then the pairwise sum
-// and the tail by FMAs; per column FMAs in row order. A result therefore never depends on how rows were grouped or which pass computed it:
-// the update's B_W x_W, pass 2's check of it and pass 1's (no kept product) agree bit for bit. Grouping shares the
-// loads of x and of `out` between rows and runs R independent chains.
+// and the tail by FMAs; per column FMAs in row order. A result therefore never depends on how rows were grouped or
+// which pass computed it: the update's B_W x_W, pass 2's check of it and pass 1's (no kept product) agree bit for bit.
+// Grouping shares the loads of x and of `out` between rows and runs R independent chains.
 template <int R>
 void dot_rows(const float* a, int64_t n, const float* x, float* out) {
   float acc[R][kLanes] = {};
@@ -810,8 +810,8 @@ const float* kept_of(const at::Tensor& kept, int64_t long_total) {
   return kept.data_ptr<float>();
 }
 
-// Where the passes find the pieces' elements: element (r, c) of piece i is at X + offset_i − start_i + r n + c for X each
-// of `of[i]`'s arrays — one flat partition: the partition's arrays for every piece; shards (one tensor per piece):
+// Where the passes find the pieces' elements: element (r, c) of piece i is at X + offset_i − start_i + r n + c for X
+// each of `of[i]`'s arrays — one flat partition: the partition's arrays for every piece; shards (one tensor per piece):
 // each piece its own, offset 0, and its U in the work buffer at its place. `gaps` (flat partitions only): stretches
 // of `flat`'s arrays stepped without a product.
 struct Arrays {
@@ -830,11 +830,12 @@ struct PieceLayout {
   int64_t long_total = 0, short_total = 0;
 };
 
-PieceLayout flat_layout(const at::Tensor& flat, const at::Tensor* grad, const at::Tensor* exp_avg, const at::Tensor* exp_avg_sq,
-                   const at::Tensor& work, const std::vector<int64_t>& offsets, const std::vector<int64_t>& starts,
-                   const std::vector<int64_t>& numels, const std::vector<int64_t>& rows,
-                   const std::vector<int64_t>& cols, const std::vector<int64_t>& gap_offsets,
-                   const std::vector<int64_t>& gap_numels, double gap_value) {
+PieceLayout flat_layout(const at::Tensor& flat, const at::Tensor* grad, const at::Tensor* exp_avg,
+                        const at::Tensor* exp_avg_sq, const at::Tensor& work, const std::vector<int64_t>& offsets,
+                        const std::vector<int64_t>& starts, const std::vector<int64_t>& numels,
+                        const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
+                        const std::vector<int64_t>& gap_offsets, const std::vector<int64_t>& gap_numels,
+                        double gap_value) {
   const int64_t partition = flat.numel();
   for (const at::Tensor* t : {&flat, grad, exp_avg, exp_avg_sq, &work})
     if (t != nullptr) check_flat(*t, partition, "a partition tensor");
@@ -853,9 +854,9 @@ PieceLayout flat_layout(const at::Tensor& flat, const at::Tensor* grad, const at
 // Shards: piece i is the whole tensor ws[i] (and gs[i], ms[i], vs[i] where given), elements [starts[i], starts[i] +
 // numels[i]) of its (rows[i] × cols[i]) matrix; U of the pieces lies in `work`, one after the other.
 PieceLayout shard_layout(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& gs,
-                    const std::vector<at::Tensor>& ms, const std::vector<at::Tensor>& vs, const at::Tensor& work,
-                    const std::vector<int64_t>& starts, const std::vector<int64_t>& numels,
-                    const std::vector<int64_t>& rows, const std::vector<int64_t>& cols) {
+                         const std::vector<at::Tensor>& ms, const std::vector<at::Tensor>& vs, const at::Tensor& work,
+                         const std::vector<int64_t>& starts, const std::vector<int64_t>& numels,
+                         const std::vector<int64_t>& rows, const std::vector<int64_t>& cols) {
   const size_t count = ws.size();
   TORCH_CHECK((gs.empty() || gs.size() == count) && ms.size() == gs.size() && vs.size() == gs.size(),
               "hf_weyl cpu kernel: shard lists of different lengths");
@@ -986,15 +987,16 @@ std::vector<at::Tensor> pieces_pass1(at::Tensor flat, at::Tensor grad, at::Tenso
                                      at::Tensor x_u, double bc1, double bc2, double beta1, double beta2, double eps,
                                      at::Tensor kept_bw) {
   const PieceLayout l = flat_layout(flat, &grad, &exp_avg, &exp_avg_sq, work, offsets, starts, numels, rows, cols,
-                               gap_offsets, gap_numels, 0.0);
+                                    gap_offsets, gap_numels, 0.0);
   return pass1(l, x_w, x_u, moments_of(bc1, bc2, beta1, beta2, eps), kept_bw);
 }
 
 std::vector<at::Tensor> shards_pass1(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                                      std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
                                      at::Tensor work, std::vector<int64_t> starts, std::vector<int64_t> numels,
-                                     std::vector<int64_t> rows, std::vector<int64_t> cols, at::Tensor x_w, at::Tensor x_u,
-                                     double bc1, double bc2, double beta1, double beta2, double eps, at::Tensor kept_bw) {
+                                     std::vector<int64_t> rows, std::vector<int64_t> cols, at::Tensor x_w,
+                                     at::Tensor x_u, double bc1, double bc2, double beta1, double beta2, double eps,
+                                     at::Tensor kept_bw) {
   TORCH_CHECK(grads.size() == params.size(), "hf_weyl cpu kernel: shard lists of different lengths");
   const PieceLayout l = shard_layout(params, grads, exp_avgs, exp_avg_sqs, work, starts, numels, rows, cols);
   return pass1(l, x_w, x_u, moments_of(bc1, bc2, beta1, beta2, eps), kept_bw);
@@ -1059,7 +1061,7 @@ at::Tensor pass2(const PieceLayout& l, const at::Tensor& y_w, const at::Tensor& 
     zw.segment_pass2(zu, i, of[i].w + base, of[i].u + base, r, rows, c0, len, tid);
     if (check) bw.segment(i, of[i].w + base, r, rows, c0, len, tid);
   };
-  zw.with_second_half();
+  if (std::find(u_here.begin(), u_here.end(), char(0)) != u_here.end()) zw.with_second_half();  // (w_alone's)
   const auto tasks = row_tasks(pieces);
   at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
@@ -1086,7 +1088,8 @@ at::Tensor pass2(const PieceLayout& l, const at::Tensor& y_w, const at::Tensor& 
 at::Tensor pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
                         std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
                         at::Tensor y_w, at::Tensor y_u, at::Tensor x_w, at::Tensor kept_bw, at::Tensor z, bool full) {
-  const PieceLayout l = flat_layout(flat, nullptr, nullptr, nullptr, work, offsets, starts, numels, rows, cols, {}, {}, 0.0);
+  const PieceLayout l =
+      flat_layout(flat, nullptr, nullptr, nullptr, work, offsets, starts, numels, rows, cols, {}, {}, 0.0);
   return pass2(l, y_w, y_u, x_w, kept_bw, z, full);
 }
 
