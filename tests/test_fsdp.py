@@ -65,6 +65,7 @@ def torchrun(out: Path, *args: str, ranks: int = 2, timeout: int = 600, fused_cp
 # With the fused CPU step: FSDP2's CPU shards past the fresh steps (the pieces kernel on shards), and the σ traffic it
 # hands to the collectives.
 FUSED_CHECKS = ["fused_shards_gpt2", "fused_shards_net", "fused_shards_cpu_offload", "fused_shards_dcp_resume",
+                "fused_shards_uncapped_is_adamw",
                 "comm_formula_vector_reduce"]
 
 

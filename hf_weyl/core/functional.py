@@ -335,7 +335,7 @@ def fused_cpu_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     """Whether the fused CPU step on whole matrices can serve these tensors (it also needs the kernel): all on the
     CPU, contiguous, of one dtype in :data:`FUSED_CPU_DTYPES`."""
     return all(
-        t.device.type == "cpu" and t.dtype == params[0].dtype and t.is_contiguous() and not t.is_sparse
+        t.is_cpu and t.dtype == params[0].dtype and t.is_contiguous() and not t.is_sparse
         for seq in (params, grads, exp_avgs, exp_avg_sqs)
         for t in seq
     ) and params[0].dtype in FUSED_CPU_DTYPES
@@ -349,7 +349,7 @@ def _fused_pieces_applies(params: list[Tensor], grads: list[Tensor], parts: list
     """Every unit a flat contiguous fp32 CPU partition whose parts are row pieces over one process group (ZeRO)."""
     groups = set()
     for param, grad, unit_parts in zip(params, grads, parts):
-        if not (param.device.type == "cpu" and param.dtype == torch.float32 and param.ndim == 1 and param.is_contiguous()
+        if not (param.is_cpu and param.dtype == torch.float32 and param.ndim == 1 and param.is_contiguous()
                 and grad.dtype == torch.float32 and grad.is_contiguous() and grad.shape == param.shape):
             return False
         for part in unit_parts:
@@ -363,11 +363,11 @@ def _fused_shards_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: l
                           parts: list[list[Part]], capped: list[bool]) -> bool:
     """Every unit one contiguous fp32 CPU tensor (parameter, gradient, moments) holding one part; the capped ones row
     pieces over one process group, each the whole unit (FSDP2's dim-0 shards under ``CPUOffloadPolicy``)."""
-    groups = set()
+    groups = set()  # (none: nothing is capped, every unit takes torch's fused AdamW)
     for param, grad, m, v, unit_parts, cap in zip(params, grads, exp_avgs, exp_avg_sqs, parts, capped):
         if len(unit_parts) != 1 or not unit_parts[0].whole_unit:
             return False
-        if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+        if not all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous()
                    and t.numel() == param.numel() for t in (param, grad, m, v)):
             return False
         layout = unit_parts[0].layout
@@ -375,7 +375,7 @@ def _fused_shards_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: l
             if not isinstance(layout, RowPiece) or layout.numel != param.numel():
                 return False
             groups.add(id(layout.group))
-    return len(groups) == 1
+    return len(groups) <= 1
 
 
 def choose_impl(
@@ -399,7 +399,7 @@ def choose_impl(
     * ``"fused_pieces"``: flat fp32 CPU partitions of row pieces (ZeRO, ZeRO-Offload), each with a capped piece, one
       power iteration (warm steps), ``vector_reduce`` — the same kernel's piece passes with two vector all-reduces;
     * ``"fused_shards"``: the same on pieces that are tensors of their own (FSDP2's dim-0 shards on the CPU), torch's
-      fused AdamW for the tensors that are not capped;
+      fused AdamW for the tensors that are not capped (all of them in a group with nothing capped: biases, norms);
     * ``"eager"``: everything else (any device, layout, dtype; a device-tensor lr), and everywhere with
       ``HF_WEYL_CPU_KERNEL=0``, under ``torch.compile``, or when the kernel is not built.
     """
@@ -409,9 +409,15 @@ def choose_impl(
         if fused_cpu_applies(params, grads, exp_avgs, exp_avg_sqs) and cpu_kernel() is not None:
             return "fused_cpu"
         return "eager"
+    if not any(capped):  # σ's of nothing: the power iterations and σ mode do not matter
+        return "fused_shards" if _fused_shards_applies(params, grads, exp_avgs, exp_avg_sqs, parts, list(capped)) \
+            else "eager"  # (no kernel needed)
     if power_iters != (1, 1) or sigma_mode != "vector_reduce":
         return "eager"
-    every_unit_capped = all(any(_of_unit(list(capped), parts, u)) for u in range(len(parts)))
+    every_unit_capped, pos = True, 0
+    for unit_parts in parts:
+        every_unit_capped = every_unit_capped and any(capped[pos : pos + len(unit_parts)])
+        pos += len(unit_parts)
     if every_unit_capped and _fused_pieces_applies(params, grads, parts):
         impl = "fused_pieces"
     elif _fused_shards_applies(params, grads, exp_avgs, exp_avg_sqs, parts, list(capped)):

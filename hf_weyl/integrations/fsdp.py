@@ -418,6 +418,7 @@ class FSDP2Adapter:
     def __init__(self) -> None:
         self._pieces: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → _Piece or _Block, verified
         self._grids: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → every rank's block (gather mode)
+        self._parts: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → (σ mode, its Part), made once
 
     @classmethod
     def check_construction(cls, optimizer: AdamWeyl) -> None:
@@ -471,7 +472,16 @@ class FSDP2Adapter:
         rank at its first step); the moments stay DTensors (DCP reshards them), the maths runs on local shards."""
         with_grad = [p for p in group["params"] if p.grad is not None]
         _align_grads(with_grad)
-        layouts = self._pieces_of(with_grad)
-        units = [Unit(p, _local(p), _local(p.grad), [Part(p, p.shape, self._core_layout(p, lay, group["sigma_mode"]))])
-                 for p, lay in zip(with_grad, layouts)]
+        mode = group["sigma_mode"]
+        units = [Unit(p, _local(p), _local(p.grad), [part]) for p, part in zip(with_grad, self._parts_of(with_grad, mode))]
         return StepPlan(units, engine=self.name, sigma=LAYOUT_SIGMA, local=_local)
+
+    def _parts_of(self, params: list[Tensor], mode: str) -> list[Part]:
+        """Each parameter's Part (its matrix's layout in the core's terms), made at its first step in σ ``mode``."""
+        kept = [self._parts.get(p) for p in params]
+        if all(k is not None and k[0] == mode for k in kept):
+            return [k[1] for k in kept]
+        parts = [Part(p, p.shape, self._core_layout(p, lay, mode)) for p, lay in zip(params, self._pieces_of(params))]
+        for p, part in zip(params, parts):
+            self._parts[p] = (mode, part)
+        return parts

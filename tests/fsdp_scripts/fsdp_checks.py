@@ -322,7 +322,31 @@ def check_fused_shards(kind, **policy):
     (w_eager, s_eager), (w_fused, s_fused) = runs
     what = f"FSDP2 {kind} {policy or ''} fused shards vs eager: "
     assert_close(w_fused, w_eager, rtol=1e-5, what=what)  # (ZeRO's fused step is held to the same)
-    compare_stats(s_fused, s_eager, 1e-5, what)
+    # The tensors not capped take torch's fused AdamW in the fused run and the foreach step in the eager one: equal to
+    # rounding, which Net's (1×4) `row`, whose gradient nearly cancels over the batch, amplifies to 2.5e-5 in its σ_U
+    # after these steps (1.7e-6 where both runs stepped them alike). A wrong σ is off by far more.
+    compare_stats(s_fused, s_eager, 1e-4 if kind == "net" else 1e-5, what)
+
+
+def check_fused_shards_uncapped_is_adamw(kind="gpt2"):
+    """A group with nothing capped (biases, norms) on FSDP2's CPU shards is stepped by torch's fused AdamW: bit for bit
+    ``torch.optim.AdamW(fused=True)`` on the same group (the matrices frozen in both runs)."""
+    from hf_weyl.core.functional import FRESH_STEPS
+
+    with_kernel(True)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    runs = []
+    for make in (lambda ps: AdamWeyl(ps, lr=LR, tau=TAU, betas=(0.9, 0.95), weight_decay=0.1),
+                 lambda ps: torch.optim.AdamW(ps, lr=LR, betas=(0.9, 0.95), weight_decay=0.1, fused=True)):
+        model = shard(make_model(kind), kind, mesh)
+        vectors = [p for p in model.parameters() if p.ndim < 2]
+        for p in model.parameters():
+            p.requires_grad_(p.ndim < 2)
+        train(kind, model, make(vectors), FRESH_STEPS + 3)
+        runs.append({n: w for n, w in full_weights(model).items() if w.ndim < 2})
+    assert runs[0], "no parameter that is not capped"
+    for name in runs[1]:
+        assert torch.equal(runs[0][name], runs[1][name]), f"{kind}: {name} differs from torch's fused AdamW"
 
 
 def check_fused_shards_dcp_resume(kind="gpt2"):
@@ -567,6 +591,7 @@ CHECKS = {
     "fused_shards_net": lambda: check_fused_shards("net"),
     "fused_shards_cpu_offload": lambda: check_fused_shards("gpt2", offload_policy=CPUOffloadPolicy(pin_memory=False)),
     "fused_shards_dcp_resume": check_fused_shards_dcp_resume,
+    "fused_shards_uncapped_is_adamw": check_fused_shards_uncapped_is_adamw,
     "accelerate_fsdp2": check_accelerate,  # last: they create accelerate's global state
     # (pinned memory needs an accelerator: the plugin's cpu_offload=True means pin_memory=True)
     "accelerate_fsdp2_cpu_offload": lambda: check_accelerate(cpu_offload=CPUOffloadPolicy(pin_memory=False)),

@@ -480,10 +480,10 @@ at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> gra
 //   pieces_pass1   over the whole partition: moments and U (stored); for each piece, its partial long products
 //                  B_W x_W and B_U x_U (zeros outside its rows/columns), concatenated [W's | U's] (b). Given
 //                  `kept_bw`, the partial B_W x_W the previous update computed of the weights it wrote, W is not
-//                  read: the kept product stands in for B_W x_W, and pass 2 checks it. On whole tall pieces it also
-//                  takes U's second half-step, z_U = B_Uᵀ b_U = Σ_i b_i U_i: b_i is row i's own product, so each row
-//                  is added while it is in the cache, and pass 2 need not read U there. (z: the short products,
-//                  [W's | U's], and a flag.)
+//                  read: the kept product stands in for B_W x_W, and pass 2 checks it. On tall pieces of whole rows
+//                  (whole matrices; FSDP2's dim-0 shards) it also takes U's second half-step, z_U = B_Uᵀ b_U =
+//                  Σ_i b_i U_i: b_i is row i's own product, complete on this rank, so each row is added while it is
+//                  in the cache, and pass 2 need not read U there. (z: the short products, [W's | U's], and a flag.)
 //   (all-reduce of b; y_W = c b_W / ‖b_W‖ scaled by the subnormal guard, and ‖b_U‖, by the caller)
 //   pieces_pass2   into z: for each piece, its partial B_Wᵀ y_W, and B_Uᵀ b_U where pass 1 did not take it; then the
 //                  flag: 1 where a kept product was used and is not this pass's B_W x_W of the weights and x_W as
@@ -543,16 +543,18 @@ struct RowTask {
   int64_t piece, r0, r1;  // rows [r0, r1) of a piece
 };
 
-// A piece holding its whole matrix (no other rank has any of it): its products need no reduction.
-inline bool whole(const PieceRef& p) { return p.start == 0 && p.numel == p.rows * p.cols; }
-// Pass 1 takes U's whole power step on a whole tall piece: b_i = U_i · x_U per row, then z_U += b_i U_i with the row
-// still in the cache (the short product of a tall matrix needs only its own row's b_i).
-inline bool u_in_pass1(const PieceRef& p) { return whole(p) && long_is_dot(p.rows, p.cols); }
+// A piece of whole rows (its matrix whole, or a run of its rows: FSDP2's dim-0 shards): each row's long product of a
+// tall matrix is complete on this rank.
+inline bool whole_rows(const PieceRef& p) { return p.numel > 0 && p.start % p.cols == 0 && p.numel % p.cols == 0; }
+// Pass 1 takes U's half-steps on a tall piece of whole rows: b_i = U_i · x_U per row, then z_U += b_i U_i with the row
+// still in the cache (the short product of a tall matrix needs only its own row's b_i: on a piece of some of the rows,
+// the partial z_U is what pass 2 would compute with the reduced b_U, where the other ranks add zeros to b_i).
+inline bool u_in_pass1(const PieceRef& p) { return whole_rows(p) && long_is_dot(p.rows, p.cols); }
 
 // The row tasks of the pieces, dealt out: with T threads, run k of kDealTasks consecutive tasks of the natural order
 // (piece by piece, rows in order) goes to the part of the list numbered k mod T, so that at::parallel_for's split by
 // count gives each thread every T-th run. A thread then gets as much of every kind of piece as the others (W alone
-// or with U in pass 2, tall whole pieces in pass 1), whatever the layout, where halves of the natural order can cost
+// or with U in pass 2, tall pieces of whole rows in pass 1), whatever the layout, where halves of the natural order can cost
 // 20 % apart; runs of 4 MB keep each thread streaming (single tasks dealt out cost the update 37 %). Every pass uses
 // this one list, so the column sums of a product come out the same in each (the update's B_W x_W and pass 2's
 // check of it, bit for bit).
@@ -925,7 +927,7 @@ std::vector<at::Tensor> pass1(const PieceLayout& l, const at::Tensor& x_w, const
   bu.start(pieces, long_is_dot, long_len, short_len, x_u.data_ptr<float>(), b_u);
   zu.start(pieces, short_is_dot, short_len, long_len, b_u, z.data_ptr<float>() + short_total);  // z_U = B_Uᵀ b_U
 #if defined(__AVX512F__)
-  // U streamed out, its product taken in registers (StreamMoments); on whole tall pieces the row also goes to a buffer
+  // U streamed out, its product taken in registers (StreamMoments); on tall pieces of whole rows the row also goes to a buffer
   // the cache keeps, for z_U. (Every AVX-512 pass 1 takes this path, with or without a kept product, so that a resumed
   // run, which has none at first, computes what the uninterrupted one does.)
   const StreamMoments sm(mo);
@@ -1002,7 +1004,7 @@ std::vector<at::Tensor> shards_pass1(std::vector<at::Tensor> params, std::vector
   return pass1(l, x_w, x_u, moments_of(bc1, bc2, beta1, beta2, eps), kept_bw);
 }
 
-// Pass 2 on the rows [r0, r1) of a whole tall piece whose U pass 1 has done: only W is read (B_Wᵀ y_W, and B_W x_W to
+// Pass 2 on the rows [r0, r1) of a tall piece of whole rows whose U pass 1 has done: only W is read (B_Wᵀ y_W, and B_W x_W to
 // check the kept one). The two halves of the rows are read in lockstep, blocks of up to kRowBlock rows from each, so
 // that a core has two streams from memory in flight (as pair_rows gives the pieces whose W and U are both read);
 // the second half's column sums go to zw's second partial sums.
@@ -1012,29 +1014,30 @@ void w_alone(PieceProducts& zw, PieceProducts& bw, const PieceRef& p, const RowT
   const float* const y = zw.vec + zw.vec_at[i];
   float* const za = zw.partial_at(i, 0, tid);
   float* const zb = zw.second_at(i, tid);
-  const float* const a = w + p.offset;  // row r at a + r n (a whole piece starts at its matrix's start)
+  const int64_t first = p.r_first();
+  auto row = [w, &p, first, n](int64_t r) { return w + p.offset + (r - first) * n; };  // (whole rows: r_first's at offset)
   int64_t rb = mid;
   for (int64_t ra = task.r0; ra < mid;) {
     const int rows = int(std::min<int64_t>(kRowBlock, mid - ra));
     if (rb + rows <= task.r1) {
       by_rows(rows, [&](auto k) {
         constexpr int R = decltype(k)::value;
-        pair_rows<R, false>(a + ra * n, a + rb * n, n, y + ra, y + rb, za, zb);
+        pair_rows<R, false>(row(ra), row(rb), n, y + ra, y + rb, za, zb);
         if (check) {
           const float* const x = bw.vec + bw.vec_at[i];
-          pair_rows<R, true>(a + ra * n, a + rb * n, n, x, x, bw.out + bw.out_at[i] + ra, bw.out + bw.out_at[i] + rb);
+          pair_rows<R, true>(row(ra), row(rb), n, x, x, bw.out + bw.out_at[i] + ra, bw.out + bw.out_at[i] + rb);
         }
       });
       rb += rows;
     } else {  // the first half's last rows, where the second has fewer left
-      by_rows(rows, [&](auto k) { axpy_rows<decltype(k)::value>(za, a + ra * n, n, y + ra); });
-      if (check) bw.segment(i, a + ra * n, ra, rows, 0, n, tid);
+      by_rows(rows, [&](auto k) { axpy_rows<decltype(k)::value>(za, row(ra), n, y + ra); });
+      if (check) bw.segment(i, row(ra), ra, rows, 0, n, tid);
     }
     ra += rows;
   }
   for (; rb < task.r1; ++rb) {  // the second half's last rows, if any
-    axpy_rows<1>(zb, a + rb * n, n, y + rb);
-    if (check) bw.segment(i, a + rb * n, rb, 1, 0, n, tid);
+    axpy_rows<1>(zb, row(rb), n, y + rb);
+    if (check) bw.segment(i, row(rb), rb, 1, 0, n, tid);
   }
 }
 
@@ -1230,7 +1233,7 @@ bool all_finite(at::Tensor t) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("weyl_step", &weyl_step, "AdamW² step for a list of CPU matrices in three fused passes");
   module.def("pieces_pass1", &pieces_pass1,
-             "moments, U, the partial long products of matrix pieces, the short ones of whole pieces (fp32)");
+             "moments, U, the partial long products of matrix pieces, U's short ones of tall pieces of whole rows (fp32)");
   module.def("pieces_pass2", &pieces_pass2,
              "the partial short products pass 1 left, and the kept product's check (fp32)");
   module.def("shards_pass1", &shards_pass1, "pieces_pass1 on pieces that are tensors of their own (FSDP2's shards)");
