@@ -1,6 +1,6 @@
 """Communication and step time of AdamWeyl under PyTorch FSDP2 (``fully_shard``).
 
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/fsdp_comm.py [--layers 4 --width 256 --steps 20]
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/fsdp_comm.py [--layers 4 --width 256 --steps 20] [--parts]
 
 1. Bytes per optimizer step that each σ mode sends, computed from GPT-2 small's shapes (124M, built on
    the meta device, nothing downloaded) at 2 and 8 ranks, next to FSDP2's own traffic per step
@@ -10,11 +10,16 @@
 3. Step-time ratio AdamWeyl / torch AdamW under FSDP2 on 2 CPU ranks, measured side by side (alternating
    the models step by step), for the optimizer step alone and for the whole training step; torch AdamW
    both with its default (foreach, through DTensor dispatch) and with ``fused=True``.
+4. ``--parts``: where AdamWeyl's optimizer step goes, per rank (means over the timed steps): each pass of the
+   fused CPU step, the σ all-reduces, and — for scale — one more all-reduce of the first σ payload's size made in
+   the same process after a barrier, before each AdamWeyl training step (outside its timing).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import math
 import time
 
 import torch
@@ -26,6 +31,7 @@ from hf_weyl import AdamWeyl
 from hf_weyl.core.cpu_kernel import kernel_disabled
 from hf_weyl.core.functional import FRESH_STEPS
 from hf_weyl.distributed import COMM_STATS, SIGMA_MODES, comm_bytes_per_step
+from hf_weyl.distributed.collectives import all_reduce_
 
 from comm_common import batch, capped_shapes, gpt2_small_table, param_groups, small_gpt2
 
@@ -88,19 +94,69 @@ def measured_vs_predicted(layers, width, mesh):
             print(f"| {mode} | {got:,.0f} B | {want:,.0f} B | {calls} |")
 
 
-def step_time_ratio(layers, width, steps, mesh):
+class PartTimer:
+    """Seconds spent in each call of the fused CPU kernel and in the σ all-reduces while ``on`` (``--parts``): wraps
+    the kernel that ``hf_weyl.core.functional`` hands its steps and the all-reduce of ``LAYOUT_SIGMA``."""
+
+    def __init__(self) -> None:
+        import hf_weyl.core.functional as functional
+        import hf_weyl.distributed.sigma as sigma
+
+        self.totals: collections.Counter = collections.Counter()
+        self.on = False
+        kernel, reduce_ = functional.cpu_kernel(), sigma._LayoutSigma.all_reduce_
+        timer = self
+
+        def timed(name, fn):
+            def call(*args, **kwargs):
+                start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                if timer.on:
+                    timer.totals[name] += time.perf_counter() - start
+                return out
+            return call
+
+        class Kernel:
+            def __getattr__(self, name):
+                return timed(name, getattr(kernel, name))
+
+        if kernel is not None:
+            wrapped = Kernel()
+            functional.cpu_kernel = lambda: wrapped
+        sigma._LayoutSigma.all_reduce_ = staticmethod(timed("σ all-reduces", reduce_))
+
+
+def first_payload_floats(model) -> int:
+    """Floats in the first σ all-reduce of a warm fused step: the long side of every capped matrix, for W and U."""
+    return 2 * sum(max(s[0], math.prod(s[1:])) for s in capped_shapes(model))
+
+
+def step_time_ratio(layers, width, steps, mesh, parts=False):
     names = ("adamw_foreach", "adamw_fused", "weyl")
+    timer = PartTimer() if parts else None
     runs = {}
     for name in names:
         model = sharded(layers, width, mesh)
         runs[name] = (model, make_optimizer(name, model))
     times = {name: ([], []) for name in names}
+    bare = torch.zeros(first_payload_floats(runs["weyl"][0]))
     for step in range(steps + FRESH_STEPS + 1):
         for name, (model, opt) in runs.items():
+            timed = step > FRESH_STEPS  # warm-up, AdamWeyl's cold start and fresh steps excluded
+            if timer is not None and name == "weyl" and timed:
+                dist.barrier()
+                start = time.perf_counter()
+                all_reduce_(bare, mesh.get_group())  # (the step's own call: gloo's Work kept, see collectives)
+                timer.totals["one all-reduce of the first payload after a barrier (not in the step)"] += time.perf_counter() - start
+            if timer is not None:
+                timer.on = name == "weyl" and timed
             total, opt_time = train_step(model, opt, step)
-            if step > FRESH_STEPS:  # warm-up, AdamWeyl's cold start and fresh steps excluded
+            if timed:
                 times[name][0].append(total)
                 times[name][1].append(opt_time)
+    if timer is not None:
+        timer.on = False
+        step_parts(timer, times["weyl"][1], steps)
     med = {name: [sorted(t)[len(t) // 2] for t in ts] for name, ts in times.items()}
     if dist.get_rank() == 0:
         print(f"\n## Step time under FSDP2, {dist.get_world_size()} CPU ranks, GPT-2 n_layer={layers} n_embd={width}, "
@@ -112,18 +168,36 @@ def step_time_ratio(layers, width, steps, mesh):
             print(f"| {what} | {a * 1e3:.1f} ms | {f * 1e3:.1f} ms | {w * 1e3:.1f} ms | {w / a:.2f} | {w / f:.2f} |")
 
 
+def step_parts(timer: PartTimer, opt_times: list[float], steps: int) -> None:
+    """Every rank's means per AdamWeyl step: the kernel's calls, the σ all-reduces, the rest (Python, small ops)."""
+    names = sorted(timer.totals)
+    inside = [n for n in names if not n.startswith("one all-reduce")]
+    values = [1e3 * timer.totals[n] / steps for n in names]
+    rest = 1e3 * sum(opt_times) / steps - sum(1e3 * timer.totals[n] / steps for n in inside)
+    mine = torch.tensor(values + [1e3 * sum(opt_times) / steps, rest])
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    if dist.get_rank() == 0:
+        print(f"\n## Where AdamWeyl's optimizer.step() goes (--parts; ms per step, means of {steps} steps)")
+        print("| part | " + " | ".join(f"rank {r}" for r in range(len(every))) + " |")
+        print("|---|" + "---|" * len(every))
+        for i, name in enumerate(names + ["optimizer.step(), whole", "the rest (Python, small ops)"]):
+            print(f"| {name} | " + " | ".join(f"{float(e[i]):.2f}" for e in every) + " |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--parts", action="store_true", help="also print where AdamWeyl's optimizer step goes")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     if dist.get_rank() == 0:
         gpt2_small_table("FSDP2", comm_bytes_per_step, fsdp2_traffic)
     measured_vs_predicted(args.layers, args.width, mesh)
-    step_time_ratio(args.layers, args.width, args.steps, mesh)
+    step_time_ratio(args.layers, args.width, args.steps, mesh, args.parts)
     dist.destroy_process_group()
 
 
