@@ -55,7 +55,7 @@ ZERO_CHECKS = [f"equal_zero{s}_{m}" for s in (1, 2, 3) for m in SIGMA_MODES] + [
     "accelerate_offload_after_kept",
     "accelerate_offload_after_refused",
 ]
-PIECES_CHECKS = ["steady", "stale_weights", "stale_vectors", "kept_equals_fresh", "tiny_update", "all_finite"]
+PIECES_CHECKS = ["steady", "whole_rows", "stale_weights", "stale_vectors", "kept_equals_fresh", "tiny_update", "all_finite"]
 TRAINER_CHECKS = [
     "trainer_zero2_vector_reduce",
     "trainer_zero2_gather",

@@ -8,7 +8,8 @@ The update keeps each piece's partial B_W x_W for the next step (``WorkBuffer.pr
 still B_W x_W of the weights and x_W. ``stale_*`` edit the weights, or the vectors, on one rank between steps: both
 ranks must then repeat the W half of the power step and equal the eager step on the edited state;
 ``kept_equals_fresh``: a step with nothing kept (a resumed run's first) computes what the kept product gives, bit for
-bit. U's power step takes B_Uᵀ b_U without normalising b_U (on whole tall pieces in pass 1, row by row);
+bit. U's power step takes B_Uᵀ b_U without normalising b_U (on tall pieces of whole rows in pass 1, row by row;
+``whole_rows``: a tall matrix cut between the ranks on a row boundary);
 ``tiny_update``: where ‖b_U‖ is too small for that, every rank repeats pass 2 as the eager step computes it.
 """
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "benchmarks"))
-from offload_step import partition  # noqa: E402
+from offload_step import partition, pieces_plan  # noqa: E402
 from rank_checks import KernelRecorder, run_checks  # noqa: E402
 
 from hf_weyl.core.cpu_kernel import cpu_kernel  # noqa: E402
@@ -32,17 +33,20 @@ from hf_weyl.distributed import LAYOUT_SIGMA  # noqa: E402
 from hf_weyl.integrations.deepspeed import ZeroLayout, zero_unit  # noqa: E402
 
 SHAPES = [torch.Size(s) for s in ((37, 11), (64,), (9, 40), (5, 3, 4), (70, 48), (23, 23), (7,), (9, 80), (13, 50))]
+# 1104 elements: the 2 ranks' cut (at 552) falls on a row boundary of the tall (30 × 16) matrix, which each rank then
+# holds whole rows of (rows 0–2 on rank 0, 3–29 on rank 1), as FSDP2's dim-0 shards always are
+ROW_SHAPES = [torch.Size(s) for s in ((40, 12), (24,), (30, 16), (6, 20))]
 HYPER = dict(lr=0.02, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, tau=0.002)
 
 
 class Run:
     """One optimizer's tensors for the partition: weights, moments, counter, vectors per capped part."""
 
-    def __init__(self, flat: torch.Tensor, layout: ZeroLayout) -> None:
-        self.flat, self.layout = flat.clone(), layout
+    def __init__(self, flat: torch.Tensor, layout: ZeroLayout, shapes: list[torch.Size]) -> None:
+        self.flat, self.layout, self.shapes = flat.clone(), layout, shapes
         self.m, self.v = torch.zeros_like(flat), torch.zeros_like(flat)
         self.step = torch.zeros((), dtype=torch.float32)
-        self.w_vecs = [initial_vector(vector_length(s)) if len(s) >= 2 else None for s in SHAPES]
+        self.w_vecs = [initial_vector(vector_length(s)) if len(s) >= 2 else None for s in shapes]
         self.u_vecs = [v.clone() if v is not None else None for v in self.w_vecs]
         self.work = WorkBuffer()
 
@@ -52,16 +56,16 @@ class Run:
             return _fused_pieces_step(kernel, self.flat, grad, self.m, self.v, self.step, unit.parts, self.w_vecs,
                                       self.u_vecs, LAYOUT_SIGMA, self.work, **HYPER, power_iters=PowerIters(1, 1))
         return adamweyl([self.flat], [grad], [self.m], [self.v], [self.step], [unit.parts], self.w_vecs, self.u_vecs,
-                        [None] * len(SHAPES), **HYPER, power_iters=PowerIters(1, 1), impl=impl, sigma=LAYOUT_SIGMA,
+                        [None] * len(self.shapes), **HYPER, power_iters=PowerIters(1, 1), impl=impl, sigma=LAYOUT_SIGMA,
                         work=self.work)
 
 
-def setup(seed: int = 0):
+def setup(seed: int = 0, shapes: list[torch.Size] = SHAPES):
     rank, world = dist.get_rank(), dist.get_world_size()
-    numel, layout = partition(SHAPES, rank, world, padding=3)  # + padding at the end of every partition
+    numel, layout = partition(shapes, rank, world, padding=3)  # + padding at the end of every partition
     gen = torch.Generator().manual_seed(100 + rank)
     flat = torch.randn(numel, generator=gen)
-    fused, eager = Run(flat, layout), Run(flat, layout)
+    fused, eager = Run(flat, layout, shapes), Run(flat, layout, shapes)
     grads = [torch.randn(numel, generator=gen) * 0.1 for _ in range(6)]
     return rank, fused, eager, grads
 
@@ -72,10 +76,10 @@ def same(fused: Run, eager: Run, stats_f, stats_e, what: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{what}: {n} {m}")
 
 
-def check_steady() -> None:
+def check_steady(shapes: list[torch.Size] = SHAPES) -> None:
     """Warm steps: pass 1 takes the kept product from the second step on, pass 2 finds it valid, and every step
     equals the eager one with the cap binding; the kept product is this rank's partial B_W x_W of the new weights."""
-    rank, fused, eager, grads = setup()
+    rank, fused, eager, grads = setup(shapes=shapes)
     rec = KernelRecorder(cpu_kernel())
     for i, g in enumerate(grads):
         sf, se = fused.run(g, "fused_pieces", rec), eager.run(g, "eager")
@@ -92,6 +96,30 @@ def check_steady() -> None:
         a = full.view(m, n)
         want.append(a @ x if n <= m else a.t() @ x)  # B x, B = A (tall) or Aᵀ (wide): zeros off this rank's piece
     torch.testing.assert_close(kept, torch.cat(want), rtol=1e-5, atol=1e-6)
+
+
+def check_whole_rows() -> None:
+    """A tall matrix cut between the ranks on a row boundary: each rank's piece is whole rows, so pass 1 takes U's
+    half-steps there (z_U = U_pᵀ (U_p x_U) of the rank's rows, which the all-reduce then sums) and pass 2 reads that
+    piece's W alone, from its first row; the steady steps (kept product valid, equal to the eager step) hold."""
+    check_steady(ROW_SHAPES)
+    rank, fused, _, grads = setup(shapes=ROW_SHAPES)
+    kernel = cpu_kernel()
+    plan = pieces_plan(fused.flat, fused.layout)
+    parts = [p for p, v in zip(zero_unit(fused.flat, fused.layout).parts, fused.w_vecs) if v is not None]
+    x_w = torch.cat([v for v in fused.w_vecs if v is not None])
+    x_u = torch.cat([v for v in fused.u_vecs if v is not None])
+    work = torch.empty_like(fused.flat)
+    _, z = kernel.pieces_pass1(fused.flat, grads[0], fused.m, fused.v, work, *plan.pieces, *plan.gaps, x_w, x_u,
+                               0.1, 0.05, 0.9, 0.95, 1e-8, torch.zeros(0))
+    j = next(i for i, p in enumerate(parts) if p.layout.dims == (30, 16))
+    part, half = parts[j], plan.short_sizes_total // 2
+    assert part.layout.start % 16 == 0 and part.numel % 16 == 0 and part.numel < 30 * 16, "not a cut on a row boundary"
+    u_rows = work[part.offset : part.offset + part.numel].view(-1, 16)
+    at = half + sum(plan.short_sizes[:j])
+    x = x_u[at - half : at - half + 16]
+    torch.testing.assert_close(z[at : at + 16], u_rows.t() @ (u_rows @ x), rtol=1e-5, atol=1e-7,
+                               msg=lambda m: f"rank {rank}: pass 1's z_U of the rows here {m}")
 
 
 def check_stale(edit: str) -> None:
@@ -162,6 +190,7 @@ def check_all_finite() -> None:
 
 CHECKS = {
     "steady": check_steady,
+    "whole_rows": check_whole_rows,
     "stale_weights": lambda: check_stale("weights"),
     "stale_vectors": lambda: check_stale("vectors"),
     "kept_equals_fresh": check_kept_equals_fresh,
