@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import collections
 import math
 import time
 
@@ -34,6 +33,7 @@ from hf_weyl.distributed import COMM_STATS, SIGMA_MODES, comm_bytes_per_step
 from hf_weyl.distributed.collectives import all_reduce_
 
 from comm_common import batch, capped_shapes, gpt2_small_table, param_groups, small_gpt2
+from part_timer import PartTimer, print_parts
 
 
 def fsdp2_traffic(world, n):
@@ -94,38 +94,6 @@ def measured_vs_predicted(layers, width, mesh):
             print(f"| {mode} | {got:,.0f} B | {want:,.0f} B | {calls} |")
 
 
-class PartTimer:
-    """Seconds spent in each call of the fused CPU kernel and in the σ all-reduces while ``on`` (``--parts``): wraps
-    the kernel that ``hf_weyl.core.functional`` hands its steps and the all-reduce of ``LAYOUT_SIGMA``."""
-
-    def __init__(self) -> None:
-        import hf_weyl.core.functional as functional
-        import hf_weyl.distributed.sigma as sigma
-
-        self.totals: collections.Counter = collections.Counter()
-        self.on = False
-        kernel, reduce_ = functional.cpu_kernel(), sigma._LayoutSigma.all_reduce_
-        timer = self
-
-        def timed(name, fn):
-            def call(*args, **kwargs):
-                start = time.perf_counter()
-                out = fn(*args, **kwargs)
-                if timer.on:
-                    timer.totals[name] += time.perf_counter() - start
-                return out
-            return call
-
-        class Kernel:
-            def __getattr__(self, name):
-                return timed(name, getattr(kernel, name))
-
-        if kernel is not None:
-            wrapped = Kernel()
-            functional.cpu_kernel = lambda: wrapped
-        sigma._LayoutSigma.all_reduce_ = staticmethod(timed("σ all-reduces", reduce_))
-
-
 def first_payload_floats(model) -> int:
     """Floats in the first σ all-reduce of a warm fused step: the long side of every capped matrix, for W and U."""
     return 2 * sum(max(s[0], math.prod(s[1:])) for s in capped_shapes(model))
@@ -156,7 +124,7 @@ def step_time_ratio(layers, width, steps, mesh, parts=False):
                 times[name][1].append(opt_time)
     if timer is not None:
         timer.on = False
-        step_parts(timer, times["weyl"][1], steps)
+        print_parts(timer, times["weyl"][1], "optimizer.step()")
     med = {name: [sorted(t)[len(t) // 2] for t in ts] for name, ts in times.items()}
     if dist.get_rank() == 0:
         print(f"\n## Step time under FSDP2, {dist.get_world_size()} CPU ranks, GPT-2 n_layer={layers} n_embd={width}, "
@@ -166,23 +134,6 @@ def step_time_ratio(layers, width, steps, mesh, parts=False):
         for i, what in enumerate(("whole training step", "optimizer.step()")):
             a, f, w = med["adamw_foreach"][i], med["adamw_fused"][i], med["weyl"][i]
             print(f"| {what} | {a * 1e3:.1f} ms | {f * 1e3:.1f} ms | {w * 1e3:.1f} ms | {w / a:.2f} | {w / f:.2f} |")
-
-
-def step_parts(timer: PartTimer, opt_times: list[float], steps: int) -> None:
-    """Every rank's means per AdamWeyl step: the kernel's calls, the σ all-reduces, the rest (Python, small ops)."""
-    names = sorted(timer.totals)
-    inside = [n for n in names if not n.startswith("one all-reduce")]
-    values = [1e3 * timer.totals[n] / steps for n in names]
-    rest = 1e3 * sum(opt_times) / steps - sum(1e3 * timer.totals[n] / steps for n in inside)
-    mine = torch.tensor(values + [1e3 * sum(opt_times) / steps, rest])
-    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    if dist.get_rank() == 0:
-        print(f"\n## Where AdamWeyl's optimizer.step() goes (--parts; ms per step, means of {steps} steps)")
-        print("| part | " + " | ".join(f"rank {r}" for r in range(len(every))) + " |")
-        print("|---|" + "---|" * len(every))
-        for i, name in enumerate(names + ["optimizer.step(), whole", "the rest (Python, small ops)"]):
-            print(f"| {name} | " + " | ".join(f"{float(e[i]):.2f}" for e in every) + " |")
 
 
 def main():

@@ -3,6 +3,8 @@
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 1 benchmarks/offload_step.py [--steps 10]
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/offload_step.py
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 1 benchmarks/offload_step.py --passes   # and each pass's time
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/offload_step.py --parts
+        # and where the ``adamweyl`` step's time goes on each rank: its passes and all-reduces inside the step
 
 Under ``offload_optimizer: {device: cpu}`` each rank steps its flat fp32 partition of the parameters on the CPU;
 DeepSpeed ships ``DeepSpeedCPUAdam`` (AVX, one pass) for it, the anchor here. The partitions are those of GPT-2
@@ -36,6 +38,7 @@ from hf_weyl.core.functional import FRESH_STEPS, _PiecesPlan, is_capped
 from hf_weyl.core.layout import StepPlan
 from hf_weyl.distributed import LAYOUT_SIGMA
 from hf_weyl.integrations.deepspeed import DeepSpeedZeroAdapter, ZeroLayout, nonfinite_anywhere, zero_unit
+from part_timer import PartTimer, print_parts
 
 
 def partition(shapes: list[torch.Size], rank: int, world: int, padding: int = 0) -> tuple[int, ZeroLayout]:
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer")
     parser.add_argument("--passes", action="store_true",
                         help="also time each pass of AdamWeyl's fused step on this rank's partition (and fused AdamW's one)")
+    parser.add_argument("--parts", action="store_true",
+                        help="also print where the timed adamweyl steps go on each rank (passes, all-reduces, the rest)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -98,15 +103,21 @@ def main() -> None:
             opts[name].step()
 
     times: dict[str, list[float]] = {name: [] for name in opts}
+    timer, own = (PartTimer() if args.parts else None), []
     for i in range(FRESH_STEPS + 1 + args.steps):
         grad = torch.randn(numel, generator=gen) * 1e-3
         for name in opts:
             flats[name].grad = grad.clone()
             dist.barrier()
+            if timer is not None:
+                timer.on = name == "adamweyl" and i > FRESH_STEPS
             t0 = time.perf_counter()
             with torch.no_grad():
                 step(name)
             elapsed = torch.tensor([time.perf_counter() - t0])
+            if timer is not None and timer.on:
+                own.append(float(elapsed))  # (this rank's own time; the table's is the slowest rank's)
+                timer.on = False
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the step time
             if i > FRESH_STEPS:
                 times[name].append(float(elapsed))
@@ -119,6 +130,8 @@ def main() -> None:
         print("|---|---|---|---|")
         for name, m in med.items():
             print(f"| {name} | {1e3 * m:.1f} | {m / base:.2f} | {m / med['adamw_fused']:.2f} |")
+    if timer is not None:
+        print_parts(timer, own, "adamweyl step")
     if args.passes:
         time_passes(flats["adamweyl"], opts["adamweyl"], layout, opts["adamw_fused"], args.steps, rank)
     dist.destroy_process_group()
