@@ -418,7 +418,7 @@ class FSDP2Adapter:
     def __init__(self) -> None:
         self._pieces: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → _Piece or _Block, verified
         self._grids: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → every rank's block (gather mode)
-        self._parts: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → (σ mode, its Part), made once
+        self._core: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → (σ mode, its core layout), made once
 
     @classmethod
     def check_construction(cls, optimizer: AdamWeyl) -> None:
@@ -477,11 +477,11 @@ class FSDP2Adapter:
         return StepPlan(units, engine=self.name, sigma=LAYOUT_SIGMA, local=_local)
 
     def _parts_of(self, params: list[Tensor], mode: str) -> list[Part]:
-        """Each parameter's Part (its matrix's layout in the core's terms), made at its first step in σ ``mode``."""
-        kept = [self._parts.get(p) for p in params]
-        if all(k is not None and k[0] == mode for k in kept):
-            return [k[1] for k in kept]
-        parts = [Part(p, p.shape, self._core_layout(p, lay, mode)) for p, lay in zip(params, self._pieces_of(params))]
-        for p, part in zip(params, parts):
-            self._parts[p] = (mode, part)
-        return parts
+        """Each parameter's Part; its matrix's layout in the core's terms is made at its first step in σ ``mode``
+        (kept without a reference to the parameter, which stays collectable)."""
+        kept = [self._core.get(p) for p in params]
+        if not all(k is not None and k[0] == mode for k in kept):
+            kept = [(mode, self._core_layout(p, lay, mode)) for p, lay in zip(params, self._pieces_of(params))]
+            for p, k in zip(params, kept):
+                self._core[p] = k
+        return [Part(p, p.shape, k[1]) for p, k in zip(params, kept)]
