@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
@@ -29,6 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from hf_weyl import AdamWeyl
 from hf_weyl.core.cpu_kernel import kernel_disabled
 from hf_weyl.core.functional import FRESH_STEPS
+from hf_weyl.core.power_iteration import matrix_dims
 from hf_weyl.distributed import COMM_STATS, SIGMA_MODES, comm_bytes_per_step
 from hf_weyl.distributed.collectives import all_reduce_
 
@@ -96,7 +96,7 @@ def measured_vs_predicted(layers, width, mesh):
 
 def first_payload_floats(model) -> int:
     """Floats in the first σ all-reduce of a warm fused step: the long side of every capped matrix, for W and U."""
-    return 2 * sum(max(s[0], math.prod(s[1:])) for s in capped_shapes(model))
+    return 2 * sum(max(matrix_dims(s)) for s in capped_shapes(model))
 
 
 def step_time_ratio(layers, width, steps, mesh, parts=False):
@@ -107,7 +107,7 @@ def step_time_ratio(layers, width, steps, mesh, parts=False):
         model = sharded(layers, width, mesh)
         runs[name] = (model, make_optimizer(name, model))
     times = {name: ([], []) for name in names}
-    bare = torch.zeros(first_payload_floats(runs["weyl"][0]))
+    bare = torch.zeros(first_payload_floats(runs["weyl"][0])) if timer is not None else None
     for step in range(steps + FRESH_STEPS + 1):
         for name, (model, opt) in runs.items():
             timed = step > FRESH_STEPS  # warm-up, AdamWeyl's cold start and fresh steps excluded

@@ -150,7 +150,7 @@ def time_passes(flat, weyl, layout, fused, steps: int, rank: int) -> None:
     _, z = kernel.pieces_pass1(flat, flat.grad, m, v, work, *pieces, *gaps, x, x, 0.5, 0.5, 0.9, 0.95, 1e-8, kept)
     calls = {
         "non-finite check (all_finite)": lambda: kernel.all_finite(flat.grad),
-        "pass 1 (moments, U, B_U x_U, B_Uᵀ b_U of whole tall pieces; B_W x_W kept)": lambda: kernel.pieces_pass1(
+        "pass 1 (moments, U, B_U x_U, B_Uᵀ b_U of tall pieces of whole rows; B_W x_W kept)": lambda: kernel.pieces_pass1(
             flat, flat.grad, m, v, work, *pieces, *gaps, x, x, 0.5, 0.5, 0.9, 0.95, 1e-8, kept),
         "pass 2 (Bᵀ y of W, B_Uᵀ b_U of the other pieces, B_W x_W to check the kept one)":
             lambda: kernel.pieces_pass2(flat, work, *pieces, y, y, x, kept, z, False),

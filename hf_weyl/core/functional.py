@@ -701,8 +701,8 @@ def _fused_pieces_step(
     rounding.
 
     ``pieces_pass1``: moments, U and the partial b_U = B_U x_U, with the partial B_W x_W the previous update kept
-    (:attr:`WorkBuffer.products`; computed here from W where there is none), and on pieces holding a whole tall matrix
-    U's second half-step B_Uᵀ b_U, row by row; ``pieces_pass2``: the partial B_Wᵀ y_W, B_Uᵀ b_U of the other pieces,
+    (:attr:`WorkBuffer.products`; computed here from W where there is none), and on tall pieces of whole rows U's
+    second half-step B_Uᵀ b_U, row by row; ``pieces_pass2``: the partial B_Wᵀ y_W, B_Uᵀ b_U of the other pieces,
     and whether the kept B_W x_W is still that of the weights and x_W (if not on some rank — weights loaded or edited,
     vectors reset — the W half is repeated with pass 2's own B_W x_W, as the eager step computes it);
     ``pieces_update``: the update, and the partial B_W x_W of the new weights to keep. U's z is B_Uᵀ b_U, b_U not
@@ -800,8 +800,8 @@ def _power_step(kernel, passes: _Passes, plan: _PiecesPlan, w_vecs: list[Tensor]
     k, half_short, half_long = len(w_vecs), plan.short_sizes_total // 2, plan.long_sizes_total // 2
     x_w, x_u = x[:half_short], x[half_short:]
 
-    # pass 1: moments, U, B_U x_U (and B_W x_W where none was kept), and U's whole power step on whole tall pieces:
-    # z_U = B_Uᵀ b_U row by row. All-reduce the long products; y_W = c b_W / ‖b_W‖ per matrix.
+    # pass 1: moments, U, B_U x_U (and B_W x_W where none was kept), and U's whole power step on tall pieces of whole
+    # rows: z_U = B_Uᵀ b_U row by row. All-reduce the long products; y_W = c b_W / ‖b_W‖ per matrix.
     b, z = passes.pass1(x_w, x_u, kept)
     local_bw = b[:half_long].clone() if kept.numel() != half_long else None  # this rank's own, for a repeat
     reduce_(b, group)
