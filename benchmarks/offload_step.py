@@ -21,6 +21,9 @@ steps its own partition with
 
 alternated step by step in one run (the machine's noise hits all alike), after ``FRESH_STEPS`` + 1 warm-up steps
 (AdamWeyl's first steps run more power iterations). Prints medians and the ratios to DeepSpeedCPUAdam.
+
+``--passes`` also times pass 1 without a kept product, reading W for B_W x_W as well: what a step that wrote the
+uncapped update in pass 2 (and kept nothing) would pay in pass 1 (docs/benchmarks.md: it costs more than it saves).
 """
 
 from __future__ import annotations
@@ -152,6 +155,8 @@ def time_passes(flat, weyl, layout, fused, steps: int, rank: int) -> None:
         "non-finite check (all_finite)": lambda: kernel.all_finite(flat.grad),
         "pass 1 (moments, U, B_U x_U, B_Uᵀ b_U of tall pieces of whole rows; B_W x_W kept)": lambda: kernel.pieces_pass1(
             flat, flat.grad, m, v, work, *pieces, *gaps, x, x, 0.5, 0.5, 0.9, 0.95, 1e-8, kept),
+        "pass 1 without a kept product (reads W for B_W x_W too)": lambda: kernel.pieces_pass1(
+            flat, flat.grad, m, v, work, *pieces, *gaps, x, x, 0.5, 0.5, 0.9, 0.95, 1e-8, torch.zeros(0)),
         "pass 2 (Bᵀ y of W, B_Uᵀ b_U of the other pieces, B_W x_W to check the kept one)":
             lambda: kernel.pieces_pass2(flat, work, *pieces, y, y, x, kept, z, False),
         "update (and the next B_W x_W)": lambda: kernel.pieces_update(

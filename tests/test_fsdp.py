@@ -29,6 +29,7 @@ CHECKS = [
     "bf16_net",
     "dcp_resume_bit_identical",
     "layouts",
+    "adapter_keeps_no_parameter",
     "refuse_fsdp1_orig_params",
     "refuse_fsdp1_flat_params",
     "comm_formula_vector_reduce",

@@ -447,6 +447,30 @@ def test_state_with_python_number_steps_loads_and_continues():
         assert torch.equal(a, b)
 
 
+def test_a_step_counter_shared_between_states_is_counted_once_per_state():
+    """DeepSpeed's ZeRO-3 universal-checkpoint load puts one ``step`` tensor into every state; each state must get its
+    own copy before it advances (else the shared tensor advances once per state and step). Also after the
+    counter's first owner is gone and the counters were claimed again many times."""
+    params = [torch.nn.Parameter(torch.randn(6, 4)) for _ in range(3)]
+    opt = AdamWeyl(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    shared = opt.state[params[0]]["step"]
+    for p in params[1:]:
+        opt.state[p]["step"] = shared
+    opt.step()
+    steps = [opt.state[p]["step"] for p in params]
+    assert [float(s) for s in steps] == [2.0, 2.0, 2.0]
+    assert len({id(s) for s in steps}) == 3
+    for _ in range(100):  # many claims: old entries are dropped, ownership still told right
+        for p in params:
+            opt.state[p]["step"] = torch.tensor(float(opt.state[p]["step"]))
+        opt.state[params[2]]["step"] = opt.state[params[1]]["step"]
+        opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [102.0, 102.0, 102.0]
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

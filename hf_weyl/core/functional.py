@@ -367,12 +367,13 @@ def _fused_shards_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: l
     for param, grad, m, v, unit_parts, cap in zip(params, grads, exp_avgs, exp_avg_sqs, parts, capped):
         if len(unit_parts) != 1 or not unit_parts[0].whole_unit:
             return False
-        if not all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous()
-                   and t.numel() == param.numel() for t in (param, grad, m, v)):
-            return False
+        numel = param.numel()
+        for t in (param, grad, m, v):  # (a loop, not all() over a generator: this runs for every parameter, every step)
+            if not (t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() and t.numel() == numel):
+                return False
         layout = unit_parts[0].layout
         if cap:
-            if not isinstance(layout, RowPiece) or layout.numel != param.numel():
+            if not isinstance(layout, RowPiece) or layout.numel != numel:
                 return False
             groups.add(id(layout.group))
     return len(groups) <= 1

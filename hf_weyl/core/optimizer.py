@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,8 +21,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .functional import (
     FRESH_STEPS, WorkBuffer, adamweyl, choose_impl, constant_tensor, is_capped, is_fresh, power_iters_for,
@@ -289,6 +288,27 @@ class _KeepDtype:
         self.tensor = tensor
 
 
+class _CounterOwners:
+    """Which state key owns each step counter, by identity and without keeping either alive: id(counter) → weak
+    references to the counter and its key. An entry whose counter died no longer matches (a new tensor that reuses
+    the id is not the one referenced). A lookup is a dict read and two weak-reference calls (``_state_for`` asks once
+    per unit and step; ``WeakIdKeyDictionary`` made a new weak reference for every lookup)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+        self._live_at_prune = 0
+
+    def owns(self, key: Tensor, counter: Tensor) -> bool:
+        entry = self._refs.get(id(counter))
+        return entry is not None and entry[0]() is counter and entry[1]() is key
+
+    def claim(self, key: Tensor, counter: Tensor) -> None:
+        if len(self._refs) > 2 * self._live_at_prune + 64:  # drop the entries of dead counters now and then
+            self._refs = {i: e for i, e in self._refs.items() if e[0]() is not None}
+            self._live_at_prune = len(self._refs)
+        self._refs[id(counter)] = (weakref.ref(counter), weakref.ref(key))
+
+
 class AdamWeyl(Optimizer):
     r"""AdamW with the AdamW² cap: per tensor and step, lr·σ1(update) ≤ τ·σ1(weight).
 
@@ -369,7 +389,7 @@ class AdamWeyl(Optimizer):
         self._claimed: dict[int, tuple[tuple, EngineAdapter | None]] = {}  # see _adapter_for
         self._group_stats: dict[int, dict[int, CapStats]] = {}  # group index → first parameter's position → stats
         self._work = WorkBuffer()  # the fused CPU step's buffer for U, kept between steps
-        self._counters: WeakIdKeyDictionary = WeakIdKeyDictionary()  # step counter → the state key that owns it
+        self._counters = _CounterOwners()  # step counter → the state key that owns it
         self._calls: dict[int, int] = {}  # group index → step() calls that stepped it (the capturable fresh rule)
         super().__init__(params, defaults)
         _guard_foreign_steps()
@@ -422,7 +442,7 @@ class AdamWeyl(Optimizer):
         self.__dict__.setdefault("_claimed", {})
         self.__dict__.setdefault("_group_stats", {})
         self.__dict__.setdefault("_work", WorkBuffer())
-        self.__dict__.setdefault("_counters", WeakIdKeyDictionary())
+        self.__dict__.setdefault("_counters", _CounterOwners())
         self.__dict__.setdefault("_calls", {})
         self.__dict__.setdefault("capturable", False)
         self.__dict__.pop("last_stats", None)  # (a property now; older pickles carried it as an attribute)
@@ -492,10 +512,10 @@ class AdamWeyl(Optimizer):
         if torch.compiler.is_compiling():  # (a compiled step is single-device: no engine shares counters)
             if not torch.is_tensor(step):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=where)
-        elif (not torch.is_tensor(step) or self._counters.get(step) is not key or step.device != where
+        elif (not torch.is_tensor(step) or not self._counters.owns(key, step) or step.device != where
               or step.dtype != torch.float32):
             state["step"] = step = torch.as_tensor(step, dtype=torch.float32).to(where, copy=True)
-            self._counters[step] = key
+            self._counters.claim(key, step)
         cold = False
         none = [None] * len(capped)
         if not any(capped):

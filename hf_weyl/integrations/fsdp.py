@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
@@ -62,6 +63,8 @@ from .internals.torch_distributed import fsdp1_markers, split_factor
 from .internals.torch_distributed import strided_shard as _strided_shard
 
 __all__ = ["FSDP2Adapter", "dtensor_layout", "fsdp1_flattened", "shard_block", "shard_piece"]
+
+_LAST_LISTS = 16  # lists of parameters whose layouts FSDP2Adapter._parts_of keeps (one per group and σ mode)
 
 _USE_FSDP2 = (
     "Shard with FSDP2 instead: torch.distributed.fsdp.fully_shard (accelerate: fsdp_version: 2 in the FSDP "
@@ -85,11 +88,17 @@ def _split_factor(placement: Any, p: Any) -> int:
         raise RuntimeError(f"AdamWeyl: {_describe(p)}: {err}") from None
 
 
+_DTENSOR: list[type] = []  # DTensor, once torch.distributed.tensor is imported
+
+
 def _dtensor_type() -> type | None:
-    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist yet
+    if _DTENSOR:
+        return _DTENSOR[0]
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist yet (not imported here: it is slow)
         return None
     from torch.distributed.tensor import DTensor
 
+    _DTENSOR.append(DTensor)
     return DTensor
 
 
@@ -390,7 +399,7 @@ def _align_grads(params: list[Tensor]) -> None:
     for p in params:
         g = p.grad
         if isinstance(p, dtensor) and isinstance(g, dtensor) and (
-            g.placements != p.placements or g.device_mesh != p.device_mesh
+            g.placements != p.placements or (g.device_mesh is not p.device_mesh and g.device_mesh != p.device_mesh)
         ):
             p.grad = g.redistribute(p.device_mesh, p.placements)
         elif isinstance(p, dtensor) and not isinstance(g, dtensor):
@@ -401,7 +410,8 @@ def _align_grads(params: list[Tensor]) -> None:
 
 
 def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "placements") else t
+    dtensor = _dtensor_type()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,6 +429,7 @@ class FSDP2Adapter:
         self._pieces: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → _Piece or _Block, verified
         self._grids: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → every rank's block (gather mode)
         self._core: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → (σ mode, its core layout), made once
+        self._last: dict[tuple, tuple[list[weakref.ref], list]] = {}  # (mode, ids) → (weak refs, core layouts)
 
     @classmethod
     def check_construction(cls, optimizer: AdamWeyl) -> None:
@@ -478,10 +489,21 @@ class FSDP2Adapter:
 
     def _parts_of(self, params: list[Tensor], mode: str) -> list[Part]:
         """Each parameter's Part; its matrix's layout in the core's terms is made at its first step in σ ``mode``
-        (kept without a reference to the parameter, which stays collectable)."""
-        kept = [self._core.get(p) for p in params]
-        if not all(k is not None and k[0] == mode for k in kept):
-            kept = [(mode, self._core_layout(p, lay, mode)) for p, lay in zip(params, self._pieces_of(params))]
-            for p, k in zip(params, kept):
-                self._core[p] = k
-        return [Part(p, p.shape, k[1]) for p, k in zip(params, kept)]
+        (kept without a reference to the parameter, which stays collectable). The layouts of the last lists of
+        parameters asked for are kept too, with weak references to check that they are the same objects: a group
+        asks with the same parameters every step, and one look-up per group is cheaper than one per parameter."""
+        key = (mode, tuple(map(id, params)))
+        last = self._last.get(key)
+        if last is not None and all(ref() is p for ref, p in zip(last[0], params)):
+            cores = last[1]
+        else:
+            kept = [self._core.get(p) for p in params]
+            if not all(k is not None and k[0] == mode for k in kept):
+                kept = [(mode, self._core_layout(p, lay, mode)) for p, lay in zip(params, self._pieces_of(params))]
+                for p, k in zip(params, kept):
+                    self._core[p] = k
+            cores = [k[1] for k in kept]
+            if len(self._last) >= _LAST_LISTS:
+                self._last.clear()
+            self._last[key] = ([weakref.ref(p) for p in params], cores)
+        return [Part(p, p.shape, core) for p, core in zip(params, cores)]

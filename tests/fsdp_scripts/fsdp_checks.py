@@ -349,6 +349,32 @@ def check_fused_shards_uncapped_is_adamw(kind="gpt2"):
         assert torch.equal(runs[0][name], runs[1][name]), f"{kind}: {name} differs from torch's fused AdamW"
 
 
+def check_adapter_keeps_no_parameter():
+    """The FSDP2 adapter keeps each parameter's layout, and the layouts of the last lists of parameters it was asked
+    for, without a strong reference to a parameter: a list asked for again gets the same layouts, and a model the user
+    drops is collected."""
+    import gc
+    import weakref
+
+    from hf_weyl.integrations.fsdp import FSDP2Adapter
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    adapter = FSDP2Adapter()
+    model = fully_shard(nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4)), mesh=mesh)
+    params = list(model.parameters())
+    first = adapter._parts_of(params, "vector_reduce")
+    again = adapter._parts_of(list(params), "vector_reduce")
+    assert all(a.layout is b.layout and a.param is b.param for a, b in zip(first, again)), "layouts made again"
+    pieces = [part for part in first if part.layout is not None]
+    assert pieces and all(part.layout.numel == part.param.to_local().numel() for part in pieces), "not this rank's rows"
+    other = adapter._parts_of(params[:2], "vector_reduce")  # another list: its own entry, the same layouts
+    assert all(a.layout is b.layout for a, b in zip(other, first))
+    refs = [weakref.ref(p) for p in params]
+    del model, params, first, again, other, pieces
+    gc.collect()
+    assert all(r() is None for r in refs), "the FSDP2 adapter keeps a parameter alive"
+
+
 def check_fused_shards_dcp_resume(kind="gpt2"):
     """A DCP checkpoint taken between fused steps resumes bit for bit: the resumed run's first step has no kept
     B_W x_W and computes it from the weights, as the uninterrupted run's update kept it."""
@@ -592,6 +618,7 @@ CHECKS = {
     "fused_shards_cpu_offload": lambda: check_fused_shards("gpt2", offload_policy=CPUOffloadPolicy(pin_memory=False)),
     "fused_shards_dcp_resume": check_fused_shards_dcp_resume,
     "fused_shards_uncapped_is_adamw": check_fused_shards_uncapped_is_adamw,
+    "adapter_keeps_no_parameter": check_adapter_keeps_no_parameter,
     "accelerate_fsdp2": check_accelerate,  # last: they create accelerate's global state
     # (pinned memory needs an accelerator: the plugin's cpu_offload=True means pin_memory=True)
     "accelerate_fsdp2_cpu_offload": lambda: check_accelerate(cpu_offload=CPUOffloadPolicy(pin_memory=False)),
