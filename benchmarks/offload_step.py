@@ -18,6 +18,8 @@ steps its own partition with
   all-reduces) as DeepSpeed's step calls it after its own check of the gradient norm (fp32, fp16, bf16 by default);
 * ``adamweyl_vote``: the same with AdamWeyl's own non-finite vote first (one more read of the gradient and a
   reduced flag: what runs where DeepSpeed does not check, bf16 with ``check_grad_overflow: false``),
+* ``adamweyl_ordered`` (more than one rank): ``adamweyl`` with its all-reduces in order
+  (``functional.OVERLAP_ALLREDUCES = False``), not overlapped with the matrices each rank holds whole,
 
 alternated step by step in one run (the machine's noise hits all alike), after ``FRESH_STEPS`` + 1 warm-up steps
 (AdamWeyl's first steps run more power iterations). Prints medians and the ratios to DeepSpeedCPUAdam.
@@ -37,6 +39,7 @@ import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_weyl import AdamWeyl
+from hf_weyl.core import functional
 from hf_weyl.core.functional import FRESH_STEPS, _PiecesPlan, is_capped
 from hf_weyl.core.layout import StepPlan
 from hf_weyl.distributed import LAYOUT_SIGMA
@@ -86,8 +89,8 @@ def main() -> None:
     numel, layout = partition(shapes, rank, world)
     gen = torch.Generator().manual_seed(rank)
     init = torch.randn(numel, generator=gen) * 0.02
-    flats = {name: torch.nn.Parameter(init.clone())
-             for name in ("deepspeed_cpu_adam", "adamw_fused", "adamweyl", "adamweyl_vote")}
+    names = ("deepspeed_cpu_adam", "adamw_fused", "adamweyl", "adamweyl_vote") + (("adamweyl_ordered",) if world > 1 else ())
+    flats = {name: torch.nn.Parameter(init.clone()) for name in names}
     hyper = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     opts = {
         "deepspeed_cpu_adam": DeepSpeedCPUAdam([flats["deepspeed_cpu_adam"]], adamw_mode=True, **hyper),
@@ -95,13 +98,17 @@ def main() -> None:
         "adamweyl": AdamWeyl([flats["adamweyl"]], tau=0.01, **hyper),
         "adamweyl_vote": AdamWeyl([flats["adamweyl_vote"]], tau=0.01, **hyper),
     }
+    if world > 1:
+        opts["adamweyl_ordered"] = AdamWeyl([flats["adamweyl_ordered"]], tau=0.01, **hyper)
 
     def step(name: str) -> None:
         if name.startswith("adamweyl"):
             flat = flats[name]
-            if name == "adamweyl" or not nonfinite_anywhere([flat.grad], layout.group):
+            if name != "adamweyl_vote" or not nonfinite_anywhere([flat.grad], layout.group):
                 plan = StepPlan([zero_unit(flat, layout)], DeepSpeedZeroAdapter.name, LAYOUT_SIGMA)
+                functional.OVERLAP_ALLREDUCES = name != "adamweyl_ordered"
                 opts[name].step_plan(opts[name].param_groups[0], plan)
+                functional.OVERLAP_ALLREDUCES = True
         else:
             opts[name].step()
 

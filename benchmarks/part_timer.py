@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 class PartTimer:
     """Seconds spent in each call of the fused CPU kernel and in the σ all-reduces while ``on`` (``--parts``): wraps
-    the kernel that ``hf_weyl.core.functional`` hands its steps and the all-reduce of ``LAYOUT_SIGMA``."""
+    the kernel that ``hf_weyl.core.functional`` hands its steps and the all-reduces of ``LAYOUT_SIGMA`` (an overlapped
+    one: its start and its wait, the time the step did not hide)."""
 
     def __init__(self) -> None:
         import hf_weyl.core.functional as functional
@@ -21,6 +22,7 @@ class PartTimer:
         self.totals: collections.Counter = collections.Counter()
         self.on = False
         kernel, reduce_ = functional.cpu_kernel(), sigma._LayoutSigma.all_reduce_
+        start_ = sigma._LayoutSigma.all_reduce_start
         timer = self
 
         def timed(name, fn):
@@ -40,6 +42,13 @@ class PartTimer:
             wrapped = Kernel()
             functional.cpu_kernel = lambda: wrapped
         sigma._LayoutSigma.all_reduce_ = staticmethod(timed("σ all-reduces", reduce_))
+
+        class Pending:  # an overlapped all-reduce: its start and its wait (what the step did not hide) timed
+            def __init__(self, pending):
+                self.wait = timed("σ all-reduces", pending.wait)
+
+        sigma._LayoutSigma.all_reduce_start = staticmethod(
+            lambda *args, **kwargs: Pending(timed("σ all-reduces", start_)(*args, **kwargs)))
 
 
 def print_parts(timer: PartTimer, step_times: list[float], what: str) -> None:

@@ -80,6 +80,20 @@ class KernelRecorder:
         self.steps[-1]["pass2"].append(args[-2])  # z, which pass 2 fills (its flag last) and the step then reduces
         return self._kernel.pieces_pass2(*args)
 
+    def pieces_pass2_of(self, *args):
+        """Pass 2 on the pieces of a mask (the overlapped step on more than one rank): recorded as (mask, full, this
+        rank's own stale flag of those pieces, read as the call returns)."""
+        out = self._kernel.pieces_pass2_of(*args)
+        z, full, mask = args[-3], args[-2], list(args[-1])
+        self.steps[-1].setdefault("pass2_of", []).append((mask, bool(full), float(z[-1])))
+        return out
+
+    def passes_of(self, step: int, whole: list[int]) -> list[tuple[str, bool, float]]:
+        """Step ``step``'s masked pass 2 runs as ("whole" | "rest", full, own flag); ``whole``: the mask of the pieces
+        this rank holds whole."""
+        return [("whole" if mask == whole else "rest", full, flag)
+                for mask, full, flag in self.steps[step].get("pass2_of", [])]
+
     def shards_pass1(self, *args):  # (the same on shards: their pieces' starts and sizes stand for the partition)
         self.steps.append({"flat": (tuple(args[5]), tuple(args[6])), "kept": args[-1].numel() > 0, "pass2": []})
         return self._kernel.shards_pass1(*args)

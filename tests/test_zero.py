@@ -55,7 +55,8 @@ ZERO_CHECKS = [f"equal_zero{s}_{m}" for s in (1, 2, 3) for m in SIGMA_MODES] + [
     "accelerate_offload_after_kept",
     "accelerate_offload_after_refused",
 ]
-PIECES_CHECKS = ["steady", "whole_rows", "stale_weights", "stale_vectors", "kept_equals_fresh", "tiny_update", "all_finite"]
+PIECES_CHECKS = ["steady", "whole_rows", "stale_weights", "stale_vectors", "kept_equals_fresh", "tiny_update",
+                 "overlap_is_bit_exact", "overlap_nothing_whole_on_one_rank", "all_finite"]
 TRAINER_CHECKS = [
     "trainer_zero2_vector_reduce",
     "trainer_zero2_gather",
@@ -132,7 +133,8 @@ def test_zero_two_ranks(zero_results, check):
 @pytest.mark.parametrize("check", PIECES_CHECKS)
 def test_fused_pieces_two_ranks(pieces_results, check):
     """The fused step on flat partitions of pieces: the kept B_W x_W, its check, the repeat when one rank's weights or
-    vectors changed (tests/zero_scripts/pieces_checks.py)."""
+    vectors changed, the all-reduces overlapped with the whole matrices bit for bit as in order
+    (tests/zero_scripts/pieces_checks.py)."""
     assert pieces_results.get(check) == "ok", pieces_results.get(check, "check did not run")
 
 

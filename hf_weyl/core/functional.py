@@ -708,13 +708,21 @@ def _fused_pieces_step(
     vectors reset — the W half is repeated with pass 2's own B_W x_W, as the eager step computes it);
     ``pieces_update``: the update, and the partial B_W x_W of the new weights to keep. U's z is B_Uᵀ b_U, b_U not
     normalised (pass 1 has all of b_i only as row i ends), so σ_U = ‖z_U‖ / ‖b_U‖; where ‖b_U‖ is so small that its
-    terms could be subnormal (or z_U overflowed), every rank repeats pass 2 with y_U = c b_U / ‖b_U‖."""
+    terms could be subnormal (or z_U overflowed), every rank repeats pass 2 with y_U = c b_U / ‖b_U‖.
+
+    On more than one rank the all-reduces run while the rank works on the matrices it holds whole
+    (:func:`_overlapped_pieces_step`): the same results."""
     advance_steps_([step])
     t = float(step)
     idx = [i for i, v in enumerate(weight_vectors) if v is not None]
     group = parts[idx[0]].layout.group
     plan = _pieces_plan(work, flat.numel(), [parts[i] for i in idx])
     buffer = work.get(torch.float32, flat.numel())
+    if OVERLAP_ALLREDUCES and not _one_rank(group):  # (also where this rank holds no matrix whole: every rank makes
+        # the same all-reduces)
+        return _overlapped_pieces_step(kernel, flat, grad, exp_avg, exp_avg_sq, buffer, plan, weight_vectors,
+                                       update_vectors, sigma, group, work, t=t, lr=lr, beta1=beta1, beta2=beta2,
+                                       eps=eps, weight_decay=weight_decay, tau=tau)
     passes = _Passes(
         lambda x_w, x_u, kept: kernel.pieces_pass1(flat, grad, exp_avg, exp_avg_sq, buffer, *plan.pieces, *plan.gaps,
                                                    x_w, x_u, 1 - beta1**t, 1 - beta2**t, beta1, beta2, eps, kept),
@@ -724,6 +732,103 @@ def _fused_pieces_step(
     both, x_w = _power_step(kernel, passes, plan, w_vecs, u_vecs, work.products.pop(flat, _NO_PRODUCT), sigma, group)
     ratio, sigma_w, sigma_u, lrs = _capped_stats(work, weight_vectors, both, lr=lr, tau=tau)
     work.products[flat] = kernel.pieces_update(flat, buffer, *plan.pieces, lrs, *plan.gaps, lr, weight_decay, x_w)
+    return ratio, sigma_w, sigma_u
+
+
+#: Whether the fused pieces step on more than one rank overlaps its all-reduces with the matrices each rank holds
+#: whole (:func:`_overlapped_pieces_step`); False takes :func:`_power_step`'s order, bit for bit the same results
+#: (tests compare the two).
+OVERLAP_ALLREDUCES = True
+
+
+def _overlapped_pieces_step(kernel, flat: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, buffer: Tensor,
+                            plan: _PiecesPlan, weight_vectors: list[Tensor | None], update_vectors: list[Tensor | None],
+                            sigma: ShardedSigma, group, work: WorkBuffer, *, t: float, lr: float, beta1: float,
+                            beta2: float, eps: float, weight_decay: float, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_fused_pieces_step` on more than one rank, with each all-reduce running while this rank steps the
+    matrices it holds whole (most of a ZeRO partition; the others are cut at its ends):
+
+    1. pass 1 on every piece; start the all-reduce of the long products b;
+    2. the whole matrices' pass 2 from this rank's own b: the reduced b of a whole matrix is the owner's plus zeros, so
+       it differs at most in the sign of a zero, which cannot change a product sum that starts from +0 — the same
+       z, σ and x. A stale kept product or an unsafe unnormalised b_U is repeated here alone (no collective: the
+       repeat every rank would make for these matrices), and their σ's and lrs follow;
+    3. wait; the other pieces' pass 2 from the reduced b; start the all-reduce of z, with the guards c this rank used
+       for its whole matrices (the other ranks cannot know them after a local repeat) and a flag per matrix it owns;
+    4. the update of the whole matrices and of the gaps, with their next B_W x_W;
+    5. wait; the other matrices' checks and repeats from reduced values (every rank alike), every σ and x from the
+       reduced z and the guards, the rest of the update.
+
+    The passes over part of the pieces give each task the partial sums it has in a pass over all
+    (``for_task_slots``), so products, kept product and checks are bit for bit those of :func:`_power_step`'s steps."""
+    idx = [i for i, v in enumerate(weight_vectors) if v is not None]
+    w_vecs, u_vecs = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
+    k, hs, hl = len(w_vecs), plan.short_sizes_total // 2, plan.long_sizes_total // 2
+    whole, rest, pieces = plan.whole, [1 - w for w in plan.whole], plan.pieces
+    kept = work.products.pop(flat, _NO_PRODUCT)
+    x = torch.cat(w_vecs + u_vecs)
+    x_w, x_u = x[:hs], x[hs:]
+
+    # 1. pass 1 everywhere; the long products' all-reduce starts
+    b, z = kernel.pieces_pass1(flat, grad, exp_avg, exp_avg_sq, buffer, *pieces, *plan.gaps, x_w, x_u, 1 - beta1**t,
+                               1 - beta2**t, beta1, beta2, eps, kept)
+    own = b.clone()
+    pending = sigma.all_reduce_start(b, group)
+
+    # 2. the whole matrices from this rank's own products
+    own_w, own_u = own[:hl], own[hl:]
+    c_own_w = kernel.segments_unit_scaled_(own_w, plan.long_sizes[:k])
+    norm_own_u = kernel.segments_norm(own_u, plan.long_sizes[k:])
+    fresh = kernel.pieces_pass2_of(flat, buffer, *pieces, own_w, own_u, x_w, kept, z, False, whole)
+    c_own = torch.cat([c_own_w, norm_own_u])
+    if z[-1].item() > 0 or not _unscaled_u_safe(kernel, norm_own_u, z[hs:-1], plan, plan.whole_mask):
+        if z[-1].item() > 0:  # the kept B_W x_W is not that of these weights: pass 2's own
+            own_w = fresh
+            c_own_w = kernel.segments_unit_scaled_(own_w, plan.long_sizes[:k])
+        c_own = torch.cat([c_own_w, kernel.segments_unit_scaled_(own_u, plan.long_sizes[k:])])
+        z[:-1].masked_fill_(plan.whole_short, 0.0)
+        kernel.pieces_pass2_of(flat, buffer, *pieces, own_w, own_u, x_w, _NO_PRODUCT, z, True, whole)
+    z_own, x_own = z[:-1].clone(), x.clone()  # (segments_sigma_ normalises its z: a copy)
+    _, _, _, lrs_own = _capped_stats(work, weight_vectors,
+                                     kernel.segments_sigma_(z_own.clone(), plan.short_sizes, c_own, x_own), lr=lr,
+                                     tau=tau)
+
+    # 3. the other pieces from the reduced products; z's all-reduce starts, with the guards of the whole matrices
+    pending.wait()
+    b_w, b_u = b[:hl], b[hl:]
+    c_w = kernel.segments_unit_scaled_(b_w, plan.long_sizes[:k])
+    norm_u = kernel.segments_norm(b_u, plan.long_sizes[k:])
+    z[-1] = 0.0
+    fresh = kernel.pieces_pass2_of(flat, buffer, *pieces, b_w, b_u, x_w, kept, z, False, rest)
+    owned = plan.whole_matrices
+    payload = torch.cat([z, torch.where(torch.cat([owned, owned]), c_own, 0.0), owned.float()])
+    pending = sigma.all_reduce_start(payload, group)
+
+    # 4. the whole matrices' update, and the gaps'
+    next_own = kernel.pieces_update_of(flat, buffer, *pieces, lrs_own, *plan.gaps, lr, weight_decay, x_own[:hs], whole)
+
+    # 5. the other matrices: checks and repeats (from reduced values: every rank alike), then every σ and x
+    pending.wait()
+    z = payload[: 2 * hs + 1]
+    owners = payload[-k:] > 0  # matrices some rank holds whole: their z and guards are the owner's
+    c_owned = payload[2 * hs + 1 : 2 * hs + 1 + 2 * k]
+    c = torch.cat([c_w, norm_u])
+    stale = z[-1].item() > 0
+    if stale or not _unscaled_u_safe(kernel, norm_u, z[hs:-1], plan, ~owners):
+        if stale:
+            b_w = fresh
+            sigma.all_reduce_(b_w, group)
+            c_w = kernel.segments_unit_scaled_(b_w, plan.long_sizes[:k])
+        c = torch.cat([c_w, kernel.segments_unit_scaled_(b_u, plan.long_sizes[k:])])
+        z = torch.where(plan.whole_short_with_flag, torch.cat([z_own, z.new_zeros(1)]), 0.0)  # the owner's own again
+        kernel.pieces_pass2_of(flat, buffer, *pieces, b_w, b_u, x_w, _NO_PRODUCT, z, True, rest)
+        sigma.all_reduce_(z, group)
+    c = torch.where(torch.cat([owners, owners]), c_owned, c)
+    both = kernel.segments_sigma_(z[:-1], plan.short_sizes, c, x)
+    torch._foreach_copy_(w_vecs + u_vecs, list(x.split(plan.short_sizes)))
+    ratio, sigma_w, sigma_u, lrs = _capped_stats(work, weight_vectors, both, lr=lr, tau=tau)
+    next_rest = kernel.pieces_update_of(flat, buffer, *pieces, lrs, [], [], lr, weight_decay, x[:hs], rest)
+    work.products[flat] = torch.where(plan.whole_long_w, next_own, next_rest)
     return ratio, sigma_w, sigma_u
 
 
@@ -845,10 +950,14 @@ def _no_reduce(t: Tensor, group) -> None:
 _UNSCALED_MIN = 2.0**-40  # ‖b‖ below this: B_Uᵀ b could have subnormal terms that matter
 
 
-def _unscaled_u_safe(kernel, norm_u: Tensor, z_u: Tensor) -> bool:
+def _unscaled_u_safe(kernel, norm_u: Tensor, z_u: Tensor, plan: _PiecesPlan | None = None,
+                     matrices: Tensor | None = None) -> bool:
     """Whether z_U = B_Uᵀ b_U, taken without normalising b_U, is as good as B_Uᵀ (b_U / ‖b_U‖): no ‖b_U‖ in
     (0, 2⁻⁴⁰) (the terms b_i U_ij could be subnormal; 0 and non-finite norms give σ = 0 either way) and no
-    overflow in z_U (not finite where ‖b_U‖ is). From reduced values: the same answer on every rank."""
+    overflow in z_U (not finite where ‖b_U‖ is). From reduced values: the same answer on every rank. ``matrices``
+    (a bool per matrix of ``plan``): of those matrices only."""
+    if matrices is not None:
+        norm_u, z_u = norm_u[matrices], z_u[plan.segment_mask(matrices)]
     norms = norm_u.tolist()
     if any(0.0 < n < _UNSCALED_MIN for n in norms):
         return False
@@ -875,6 +984,21 @@ class _PiecesPlan:
         self.short_sizes = [min(m, n) for m, n in dims] * 2
         self.long_sizes = [max(m, n) for m, n in dims] * 2
         self.short_sizes_total, self.long_sizes_total = sum(self.short_sizes), sum(self.long_sizes)
+        # the matrices this rank holds whole (a 0/1 per piece for the kernel; as masks of the vectors' elements: the
+        # short side [W | U] with pass 2's flag after it, and the long side of W)
+        self.whole = [int(part.layout.start == 0 and part.layout.numel == m * n > 0) for part, (m, n) in zip(parts, dims)]
+        self.whole_matrices = torch.tensor(self.whole, dtype=torch.bool)
+        self.whole_mask = self.whole_matrices
+        self.whole_short = self.segment_mask(self.whole_matrices, both=True)
+        self.whole_short_with_flag = torch.cat([self.whole_short, torch.zeros(1, dtype=torch.bool)])
+        k = len(parts)
+        self.whole_long_w = self.whole_matrices.repeat_interleave(torch.tensor(self.long_sizes[:k], dtype=torch.long))
+
+    def segment_mask(self, matrices: Tensor, both: bool = False) -> Tensor:
+        """The elements of one half of the short vectors (``both``: of [W | U]) that belong to ``matrices``."""
+        k = len(self.short_sizes) // 2
+        sizes = torch.tensor(self.short_sizes[: 2 * k if both else k], dtype=torch.long)
+        return (torch.cat([matrices, matrices]) if both else matrices).repeat_interleave(sizes)
 
 
 def _pieces_plan(work: WorkBuffer, numel: int | None, parts: list[Part]) -> _PiecesPlan:

@@ -89,12 +89,15 @@ class ShardedSigma(Protocol):
 
     ``sigmas(layouts, weights, directions, weight_vectors, update_vectors, iters, mode)``: (σ_W, σ_U) of the
     matrices whose local pieces/blocks are given (a collective call). ``all_reduce_(t, group)``: a sum over the
-    group, in place (the fused CPU step on row pieces reduces its partial products itself)."""
+    group, in place (the fused CPU step on row pieces reduces its partial products itself);
+    ``all_reduce_start(t, group)``: the same started, returning a handle whose ``wait()`` completes it."""
 
     def sigmas(self, layouts: list[Any], weights: list[Tensor], directions: list[Tensor], weight_vectors: list[Tensor],
                update_vectors: list[Tensor], iters: Any, mode: str) -> tuple[Tensor, Tensor]: ...
 
     def all_reduce_(self, t: Tensor, group: Any) -> None: ...
+
+    def all_reduce_start(self, t: Tensor, group: Any) -> Any: ...
 
 
 def _identity(t: Tensor) -> Tensor:

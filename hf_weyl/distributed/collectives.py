@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["COMM_STATS", "KEPT_WORK", "all_gather", "all_reduce_", "collective_device"]
+__all__ = ["COMM_STATS", "KEPT_WORK", "PendingReduce", "all_gather", "all_reduce_", "all_reduce_start",
+           "collective_device"]
 
 
 class _Comm:
@@ -97,6 +98,29 @@ def all_reduce_(t: Tensor, group: Any, op: Any = None) -> None:
     moved = t.to(device)
     KEPT_WORK.wait(dist.all_reduce(moved, op=op, group=group, async_op=True))
     t.copy_(moved)
+
+
+class PendingReduce:
+    """An all-reduce in flight (:func:`all_reduce_start`): ``wait()`` once, then the tensor holds the sum."""
+
+    def __init__(self, work: Any, t: Tensor, moved: Tensor | None) -> None:
+        self._work, self._t, self._moved = work, t, moved
+
+    def wait(self) -> None:
+        KEPT_WORK.wait(self._work)
+        if self._moved is not None:
+            self._t.copy_(self._moved)
+
+
+def all_reduce_start(t: Tensor, group: Any, op: Any = None) -> PendingReduce:
+    """:func:`all_reduce_` started, not waited for: the caller works on until it needs the sum (and must not touch
+    ``t`` until then). The same calls in the same order on every rank, as for :func:`all_reduce_`."""
+    COMM_STATS.add(t)
+    op = dist.ReduceOp.SUM if op is None else op
+    device = collective_device(t, group)
+    moved = None if device == t.device else t.to(device)
+    work = dist.all_reduce(t if moved is None else moved, op=op, group=group, async_op=True)
+    return PendingReduce(work, t, moved)
 
 
 def all_gather(t: Tensor, group: Any) -> list[Tensor]:

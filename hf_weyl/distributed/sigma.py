@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..core.layout import SIGMA_MODES, Block, RowPiece
 from ..core.power_iteration import PowerIters, Segments, matrix_dims, power_iteration_, power_steps_
-from .collectives import COMM_STATS, all_gather, all_reduce_
+from .collectives import COMM_STATS, all_gather, all_reduce_, all_reduce_start
 
 __all__ = [
     "COMM_STATS",
@@ -504,6 +504,7 @@ class _LayoutSigma:
 
     sigmas = staticmethod(layout_sigmas)
     all_reduce_ = staticmethod(all_reduce_)
+    all_reduce_start = staticmethod(all_reduce_start)
 
 
 #: σ's of matrices laid out across ranks, for :class:`hf_weyl.core.layout.StepPlan`.

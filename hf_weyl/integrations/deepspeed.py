@@ -438,9 +438,12 @@ def comm_bytes_per_step(
     (:func:`hf_weyl.distributed.comm_bytes_per_step`); the reduced 4-byte non-finite flag unless ``engine_checks``
     (DeepSpeed's step checks the gradient norm and AdamWeyl sees that it does: ZeRO-3, ZeRO-1/2 under offload);
     and with ``fused`` (the fused CPU step: CPU fp32 partitions, ``vector_reduce``, warm steps) one float more in
-    the second all-reduce, the kept product's check."""
+    the second all-reduce, the kept product's check, and on more than one rank three per capped matrix (the guards
+    and the owner flag of the matrices a rank holds whole, which it steps while the all-reduces run)."""
     sigma = sigma_comm_bytes(shapes, world, mode, power_iters=power_iters, bytes_per_float=bytes_per_float,
                              fused=fused)
     extra = 0 if engine_checks else 4
+    if fused and mode == "vector_reduce" and world > 1 and shapes:
+        extra += 3 * 4 * len(shapes)
     calls = sigma["collectives"] + (0 if engine_checks else 1)
     return {"payload": sigma["payload"] + extra, "wire": sigma["wire"] + extra, "collectives": calls}

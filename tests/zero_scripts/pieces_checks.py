@@ -36,6 +36,9 @@ SHAPES = [torch.Size(s) for s in ((37, 11), (64,), (9, 40), (5, 3, 4), (70, 48),
 # 1104 elements: the 2 ranks' cut (at 552) falls on a row boundary of the tall (30 × 16) matrix, which each rank then
 # holds whole rows of (rows 0–2 on rank 0, 3–29 on rank 1), as FSDP2's dim-0 shards always are
 ROW_SHAPES = [torch.Size(s) for s in ((40, 12), (24,), (30, 16), (6, 20))]
+# 1216 elements: rank 0 holds the (4 × 4) matrix whole and the start of the (40 × 30) one, rank 1 the rest of it and
+# no matrix whole
+CUT_SHAPES = [torch.Size(s) for s in ((4, 4), (40, 30))]
 HYPER = dict(lr=0.02, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, tau=0.002)
 
 
@@ -85,7 +88,10 @@ def check_steady(shapes: list[torch.Size] = SHAPES) -> None:
         sf, se = fused.run(g, "fused_pieces", rec), eager.run(g, "eager")
         same(fused, eager, sf, se, f"step {i}")
     assert rec.kept_given == [False] + [True] * (len(grads) - 1), rec.kept_given
-    assert rec.flags == [0.0] * len(grads), rec.flags
+    whole = pieces_plan(fused.flat, fused.layout).whole
+    assert any(whole), f"rank {rank} holds no matrix whole"
+    for i in range(len(grads)):  # the whole matrices, then the others; never a repeat, the kept product valid
+        assert rec.passes_of(i, whole) == [("whole", False, 0.0), ("rest", False, 0.0)], (i, rec.passes_of(i, whole))
     assert bool((se[0] < 1).any()), "the cap never bound"
     kept = fused.work.products[fused.flat]
     want = []
@@ -127,6 +133,7 @@ def check_stale(edit: str) -> None:
     ranks repeat the W half, and the step equals the eager one on the edited state."""
     rank, fused, eager, grads = setup()
     rec = KernelRecorder(cpu_kernel())
+    whole = pieces_plan(fused.flat, fused.layout).whole
     for i, g in enumerate(grads):
         if i == 3 and rank == 1:
             for run in (fused, eager):
@@ -138,8 +145,17 @@ def check_stale(edit: str) -> None:
                             v.copy_(initial_vector(v.numel()).flip(0))
         sf, se = fused.run(g, "fused_pieces", rec), eager.run(g, "eager")
         same(fused, eager, sf, se, f"step {i} after rank 1 edited its {edit}")
-    flags = torch.tensor(rec.flags)
-    assert flags[3] > 0 and (flags[:3] == 0).all() and (flags[4:] == 0).all(), rec.flags  # reduced: both ranks see it
+    for i in range(len(grads)):
+        runs = rec.passes_of(i, whole)
+        if i != 3:
+            assert runs == [("whole", False, 0.0), ("rest", False, 0.0)], (i, runs)
+            continue
+        # rank 1 finds its whole matrices stale and repeats them alone; the cut ones: the reduced flag makes every
+        # rank repeat them (rank 0 finds nothing stale itself)
+        edited = 1.0 if rank == 1 else 0.0
+        want = [("whole", False, edited)] + ([("whole", True, edited)] if rank == 1 else [])
+        want += [("rest", False, edited), ("rest", True, 0.0)]
+        assert runs == want, (rank, runs)
 
 
 def check_kept_equals_fresh() -> None:
@@ -164,6 +180,7 @@ def check_tiny_update() -> None:
     1e-22)."""
     rank, fused, eager, grads = setup()
     rec = KernelRecorder(cpu_kernel())
+    whole = pieces_plan(fused.flat, fused.layout).whole
     for i, g in enumerate(grads):
         g = g * 1e-30
         sf, se = fused.run(g, "fused_pieces", rec), eager.run(g, "eager")
@@ -171,7 +188,48 @@ def check_tiny_update() -> None:
         capped = se[2] > 0
         assert bool(capped.any()) and bool((se[2][capped] < 1e-15).all()), se[2]
         torch.testing.assert_close(sf[2], se[2], rtol=1e-5, atol=0, msg=lambda m, i=i: f"step {i}: σ_U {m}")
-    assert [len(step["pass2"]) for step in rec.steps] == [2] * len(grads), "no repeat of pass 2"
+    for i in range(len(grads)):  # each rank repeats its whole matrices alone, and every rank the cut ones
+        assert [(kind, full) for kind, full, _ in rec.passes_of(i, whole)] == [
+            ("whole", False), ("whole", True), ("rest", False), ("rest", True)], (i, rec.passes_of(i, whole))
+
+
+def check_overlap_is_bit_exact(shapes: list[torch.Size] = SHAPES) -> None:
+    """The step that overlaps its all-reduces with the matrices each rank holds whole computes bit for bit what the
+    step in order computes (weights, stats, vectors, kept product) through steady steps, a resumed run's first step
+    and gradients too small for the unnormalised b_U (every matrix repeated, in both). A kept product stale on one
+    rank: that rank repeats its whole matrices alone and every rank the cut ones, where the step in order repeats
+    every matrix: the same to float rounding."""
+    import hf_weyl.core.functional as fn
+
+    rank, overlapped, _, grads = setup(shapes=shapes)
+    _, ordered, _, _ = setup(shapes=shapes)
+    if shapes is CUT_SHAPES:  # every rank makes the same all-reduces, whatever it holds whole
+        assert any(pieces_plan(overlapped.flat, overlapped.layout).whole) == (rank == 0), "not the layout meant"
+    try:
+        for i, g in enumerate(grads):
+            if i == 2:
+                for run in (overlapped, ordered):
+                    run.work.products.clear()
+            if i == 3:
+                g = g * 1e-30
+            if i == 4 and rank == 1:
+                for run in (overlapped, ordered):
+                    run.flat.mul_(3.0)
+            fn.OVERLAP_ALLREDUCES = True
+            a = overlapped.run(g, "fused_pieces")
+            fn.OVERLAP_ALLREDUCES = False
+            b = ordered.run(g, "fused_pieces")
+            if i >= 4:
+                same(overlapped, ordered, a, b, f"step {i}")
+                continue
+            assert torch.equal(overlapped.flat, ordered.flat), f"step {i}: weights differ"
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), f"step {i}: stats differ"
+            for v, w in zip(overlapped.w_vecs + overlapped.u_vecs, ordered.w_vecs + ordered.u_vecs):
+                assert v is None or torch.equal(v, w), f"step {i}: vectors differ"
+            assert torch.equal(overlapped.work.products[overlapped.flat], ordered.work.products[ordered.flat]), \
+                f"step {i}: kept products differ"
+    finally:
+        fn.OVERLAP_ALLREDUCES = True
 
 
 def check_all_finite() -> None:
@@ -195,6 +253,8 @@ CHECKS = {
     "stale_vectors": lambda: check_stale("vectors"),
     "kept_equals_fresh": check_kept_equals_fresh,
     "tiny_update": check_tiny_update,
+    "overlap_is_bit_exact": check_overlap_is_bit_exact,
+    "overlap_nothing_whole_on_one_rank": lambda: check_overlap_is_bit_exact(CUT_SHAPES),
     "all_finite": check_all_finite,
 }
 

@@ -502,8 +502,10 @@ at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> gra
 //
 // The arithmetic per element is the whole-matrix kernel's. Each pass is one parallel region over tasks of about
 // kTaskElements elements (row ranges of the pieces, or stretches of the gaps), dealt to the threads in runs of
-// kDealTasks (row_tasks); column sums are accumulated per thread and added in thread order (deterministic for a
-// given thread count). (One region per pass, not per matrix: on a loaded machine every region waits for all its
+// kDealTasks (row_tasks) and run in slots (for_task_slots); column sums are accumulated per slot and added in slot
+// order (deterministic for a given thread count). pieces_pass2_of and pieces_update_of take a 0/1 mask of the pieces
+// to run (a step on more than one rank runs the pieces it holds whole while an all-reduce is in flight, the others
+// after it): every task keeps its slot, so their results are those of the unmasked passes, bit for bit. (One region per pass, not per matrix: on a loaded machine every region waits for all its
 // threads.) all_finite reads a tensor once at memory speed: the non-finite check before a step.
 
 namespace {
@@ -542,6 +544,10 @@ inline int64_t short_len(int64_t m, int64_t n) { return long_is_dot(m, n) ? n : 
 struct RowTask {
   int64_t piece, r0, r1;  // rows [r0, r1) of a piece
 };
+
+// Pieces a pass runs on: all (empty), else those with mask[i] != 0.
+using PieceMask = std::vector<int64_t>;
+inline bool in_mask(const PieceMask& mask, int64_t piece) { return mask.empty() || mask[size_t(piece)] != 0; }
 
 // A piece of whole rows (its matrix whole, or a run of its rows: FSDP2's dim-0 shards): each row's long product of a
 // tall matrix is complete on this rank.
@@ -662,9 +668,9 @@ struct PieceProducts {
   inline float* second_at(int64_t i, int tid) {
     return second.data() + static_cast<int64_t>(tid) * axpy_total + axpy_at[i];
   }
-  void finish(const std::vector<PieceRef>& pieces) {
+  void finish(const std::vector<PieceRef>& pieces, const PieceMask& mask = {}) {
     for (size_t i = 0; i < pieces.size(); ++i) {
-      if (dot[i]) continue;
+      if (dot[i] || !in_mask(mask, int64_t(i))) continue;
       for (int t = 0; t < threads; ++t) axpy(out + out_at[i], partial_at(int64_t(i), 0, t), 1.f, pieces[i].cols);
       if (second.empty()) continue;
       for (int t = 0; t < threads; ++t) axpy(out + out_at[i], second_at(int64_t(i), t), 1.f, pieces[i].cols);
@@ -700,13 +706,32 @@ inline void task_segments(const std::vector<PieceRef>& pieces, const RowTask& ta
   if (r < task.r1) fn(task.piece, r, 1, int64_t(0), c_last, base0 + r * n, tid);  // a row cut by the piece's end
 }
 
-template <typename Fn, typename Done = NoEpilogue>
-void for_row_segments(const std::vector<PieceRef>& pieces, const std::vector<RowTask>& tasks, Fn fn, Done done = {}) {
-  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    const int tid = at::get_thread_num();
-    for (int64_t t = begin; t < end; ++t) task_segments(pieces, tasks[t], tid, fn);
-    done();
+// run(task, slot) for the tasks of the pieces in `mask`, in slots: the list split as at::parallel_for splits [0, N)
+// among T threads (T = min(threads, N), consecutive chunks of ⌈N / T⌉), slot s running chunk s in order with the
+// partial sums numbered s, whichever thread runs it. A task therefore adds into the same partial sums in every pass,
+// over all pieces or some (masks split one power step's passes between pieces this rank holds whole and the others):
+// the update's kept B_W x_W, pass 2's check of it and pass 1's own agree bit for bit in any split. done(): after
+// each slot (e.g. a store fence).
+template <typename Run, typename Done = NoEpilogue>
+void for_task_slots(const std::vector<RowTask>& tasks, const PieceMask& mask, Run run, Done done = {}) {
+  const int64_t count = int64_t(tasks.size());
+  if (count == 0) return;
+  const int64_t threads = at::get_num_threads();
+  const int64_t slots = (count > 1 && threads > 1 && !at::in_parallel_region()) ? std::min(threads, count) : 1;
+  const int64_t chunk = (count + slots - 1) / slots;
+  at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      for (int64_t t = s * chunk; t < std::min(count, (s + 1) * chunk); ++t)
+        if (in_mask(mask, tasks[t].piece)) run(tasks[t], int(s));
+      done();
+    }
   });
+}
+
+template <typename Fn, typename Done = NoEpilogue>
+void for_row_segments(const std::vector<PieceRef>& pieces, const std::vector<RowTask>& tasks, Fn fn, Done done = {},
+                      const PieceMask& mask = {}) {
+  for_task_slots(tasks, mask, [&](const RowTask& task, int slot) { task_segments(pieces, task, slot, fn); }, done);
 }
 
 struct Moments {
@@ -1042,7 +1067,7 @@ void w_alone(PieceProducts& zw, PieceProducts& bw, const PieceRef& p, const RowT
 }
 
 at::Tensor pass2(const PieceLayout& l, const at::Tensor& y_w, const at::Tensor& y_u, const at::Tensor& x_w,
-                 const at::Tensor& kept_bw, at::Tensor& z, bool full) {
+                 const at::Tensor& kept_bw, at::Tensor& z, bool full, const PieceMask& mask = {}) {
   check_vectors(l, {&x_w}, {&y_w, &y_u});
   const auto& pieces = l.pieces;
   const auto& of = l.of;
@@ -1065,35 +1090,49 @@ at::Tensor pass2(const PieceLayout& l, const at::Tensor& y_w, const at::Tensor& 
     if (check) bw.segment(i, of[i].w + base, r, rows, c0, len, tid);
   };
   if (std::find(u_here.begin(), u_here.end(), char(0)) != u_here.end()) zw.with_second_half();  // (w_alone's)
-  const auto tasks = row_tasks(pieces);
-  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    const int tid = at::get_thread_num();
-    for (int64_t t = begin; t < end; ++t) {
-      if (u_here[tasks[t].piece]) {
-        task_segments(pieces, tasks[t], tid, segment);
-      } else {
-        w_alone(zw, bw, pieces[tasks[t].piece], tasks[t], of[tasks[t].piece].w, check, tid);
-      }
+  for_task_slots(row_tasks(pieces), mask, [&](const RowTask& task, int slot) {
+    if (u_here[task.piece]) {
+      task_segments(pieces, task, slot, segment);
+    } else {
+      w_alone(zw, bw, pieces[task.piece], task, of[task.piece].w, check, slot);
     }
   });
-  zw.finish(pieces);
-  zu.finish(pieces);
+  zw.finish(pieces, mask);
+  zu.finish(pieces, mask);
   if (check) {
-    bw.finish(pieces);
+    bw.finish(pieces, mask);
     const float* const now = fresh.data_ptr<float>();
-    bool same = true;  // bit for bit: NaN weights never validate
-    for (int64_t i = 0; i < long_total && same; ++i) same = now[i] == kept[i];
+    bool same = true;  // bit for bit: NaN weights never validate (over the pieces of the mask)
+    for (size_t i = 0; i < pieces.size() && same; ++i) {
+      if (!in_mask(mask, int64_t(i))) continue;
+      const int64_t at = bw.out_at[i], len = long_len(pieces[i].rows, pieces[i].cols);
+      for (int64_t k = at; k < at + len && same; ++k) same = now[k] == kept[k];
+    }
     out[2 * short_total] = same ? 0.f : 1.f;
   }
   return fresh;
 }
 
+void check_mask(const PieceLayout& l, const PieceMask& mask) {
+  TORCH_CHECK(mask.empty() || mask.size() == l.pieces.size(), "hf_weyl cpu kernel: one mask entry per piece");
+}
+
+// (`mask`: the pieces to take, one 0/1 per piece; the other pieces' outputs are left as they are, and the flag says
+// whether the kept product is stale on the pieces taken)
+at::Tensor pieces_pass2_of(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
+                           std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
+                           at::Tensor y_w, at::Tensor y_u, at::Tensor x_w, at::Tensor kept_bw, at::Tensor z, bool full,
+                           PieceMask mask) {
+  const PieceLayout l =
+      flat_layout(flat, nullptr, nullptr, nullptr, work, offsets, starts, numels, rows, cols, {}, {}, 0.0);
+  check_mask(l, mask);
+  return pass2(l, y_w, y_u, x_w, kept_bw, z, full, mask);
+}
+
 at::Tensor pieces_pass2(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
                         std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
                         at::Tensor y_w, at::Tensor y_u, at::Tensor x_w, at::Tensor kept_bw, at::Tensor z, bool full) {
-  const PieceLayout l =
-      flat_layout(flat, nullptr, nullptr, nullptr, work, offsets, starts, numels, rows, cols, {}, {}, 0.0);
-  return pass2(l, y_w, y_u, x_w, kept_bw, z, full);
+  return pieces_pass2_of(flat, work, offsets, starts, numels, rows, cols, y_w, y_u, x_w, kept_bw, z, full, {});
 }
 
 at::Tensor shards_pass2(std::vector<at::Tensor> params, at::Tensor work, std::vector<int64_t> starts,
@@ -1103,7 +1142,8 @@ at::Tensor shards_pass2(std::vector<at::Tensor> params, at::Tensor work, std::ve
   return pass2(l, y_w, y_u, x_w, kept_bw, z, full);
 }
 
-at::Tensor update(const PieceLayout& l, const std::vector<double>& lrs, double weight_decay, const at::Tensor& x_w) {
+at::Tensor update(const PieceLayout& l, const std::vector<double>& lrs, double weight_decay, const at::Tensor& x_w,
+                  const PieceMask& mask = {}) {
   check_vectors(l, {&x_w}, {});
   const auto& pieces = l.pieces;
   const auto& of = l.of;
@@ -1127,18 +1167,28 @@ at::Tensor update(const PieceLayout& l, const std::vector<double>& lrs, double w
                                                   int64_t i, int64_t r, int rows, int64_t c0, int64_t len, int64_t base, int tid) {
     step(of[i].w + base, of[i].u + base, rows * len, piece_lr[i]);
     bw.segment(i, of[i].w + base, r, rows, c0, len, tid);
-  });
-  bw.finish(pieces);
+  }, NoEpilogue{}, mask);
+  bw.finish(pieces, mask);
   return next;
+}
+
+// (`mask`: the pieces to update, one 0/1 per piece, with the gaps given; the kept product is left 0 elsewhere)
+at::Tensor pieces_update_of(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
+                            std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
+                            std::vector<double> lrs, std::vector<int64_t> gap_offsets, std::vector<int64_t> gap_numels,
+                            double gap_lr, double weight_decay, at::Tensor x_w, PieceMask mask) {
+  const PieceLayout l = flat_layout(flat, nullptr, nullptr, nullptr, work, offsets, starts, numels, rows, cols,
+                                    gap_offsets, gap_numels, gap_lr);
+  check_mask(l, mask);
+  return update(l, lrs, weight_decay, x_w, mask);
 }
 
 at::Tensor pieces_update(at::Tensor flat, at::Tensor work, std::vector<int64_t> offsets, std::vector<int64_t> starts,
                          std::vector<int64_t> numels, std::vector<int64_t> rows, std::vector<int64_t> cols,
                          std::vector<double> lrs, std::vector<int64_t> gap_offsets, std::vector<int64_t> gap_numels,
                          double gap_lr, double weight_decay, at::Tensor x_w) {
-  const PieceLayout l = flat_layout(flat, nullptr, nullptr, nullptr, work, offsets, starts, numels, rows, cols,
-                                    gap_offsets, gap_numels, gap_lr);
-  return update(l, lrs, weight_decay, x_w);
+  return pieces_update_of(flat, work, offsets, starts, numels, rows, cols, lrs, gap_offsets, gap_numels, gap_lr,
+                          weight_decay, x_w, {});
 }
 
 at::Tensor shards_update(std::vector<at::Tensor> params, at::Tensor work, std::vector<int64_t> starts,
@@ -1241,6 +1291,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("shards_update", &shards_update, "pieces_update on pieces that are tensors of their own");
   module.def("segments_norm", &segments_norm, "‖b‖ per segment, scale-safe");
   module.def("pieces_update", &pieces_update, "the capped update of a flat partition and its pieces' next partial B_W x_W (fp32)");
+  module.def("pieces_pass2_of", &pieces_pass2_of, "pieces_pass2 on the pieces of a 0/1 mask");
+  module.def("pieces_update_of", &pieces_update_of, "pieces_update on the pieces of a 0/1 mask (and the gaps given)");
   module.def("segments_unit_scaled_", &segments_unit_scaled_, "y = c b / ‖b‖ per segment, in place; returns c");
   module.def("segments_sigma_", &segments_sigma_, "σ = ‖z‖ / c per segment; x ← z / ‖z‖ where σ > 0");
   module.def("all_finite", &all_finite, "whether a contiguous fp32 CPU tensor holds no inf or NaN");
