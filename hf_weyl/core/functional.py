@@ -763,8 +763,8 @@ def _overlapped_pieces_step(kernel, flat: Tensor, grad: Tensor, exp_avg: Tensor,
     (``for_task_slots``), so products, kept product and checks are bit for bit those of :func:`_power_step`'s steps."""
     idx = [i for i, v in enumerate(weight_vectors) if v is not None]
     w_vecs, u_vecs = [weight_vectors[i] for i in idx], [update_vectors[i] for i in idx]
-    k, hs, hl = len(w_vecs), plan.short_sizes_total // 2, plan.long_sizes_total // 2
-    whole, rest, pieces = plan.whole, [1 - w for w in plan.whole], plan.pieces
+    k, hs = len(w_vecs), plan.short_sizes_total // 2
+    whole, rest, pieces = plan.whole, plan.rest, plan.pieces
     kept = work.products.pop(flat, _NO_PRODUCT)
     x = torch.cat(w_vecs + u_vecs)
     x_w, x_u = x[:hs], x[hs:]
@@ -776,13 +776,12 @@ def _overlapped_pieces_step(kernel, flat: Tensor, grad: Tensor, exp_avg: Tensor,
     pending = sigma.all_reduce_start(b, group)
 
     # 2. the whole matrices from this rank's own products
-    own_w, own_u = own[:hl], own[hl:]
-    c_own_w = kernel.segments_unit_scaled_(own_w, plan.long_sizes[:k])
-    norm_own_u = kernel.segments_norm(own_u, plan.long_sizes[k:])
+    own_w, own_u, c_own_w, norm_own_u = _pass2_inputs(kernel, plan, own, k)
     fresh = kernel.pieces_pass2_of(flat, buffer, *pieces, own_w, own_u, x_w, kept, z, False, whole)
     c_own = torch.cat([c_own_w, norm_own_u])
-    if z[-1].item() > 0 or not _unscaled_u_safe(kernel, norm_own_u, z[hs:-1], plan, plan.whole_mask):
-        if z[-1].item() > 0:  # the kept B_W x_W is not that of these weights: pass 2's own
+    stale_own = z[-1].item() > 0
+    if stale_own or not _unscaled_u_safe(kernel, norm_own_u, z[hs:-1], plan, plan.whole_matrices):
+        if stale_own:  # the kept B_W x_W is not that of these weights: pass 2's own
             own_w = fresh
             c_own_w = kernel.segments_unit_scaled_(own_w, plan.long_sizes[:k])
         c_own = torch.cat([c_own_w, kernel.segments_unit_scaled_(own_u, plan.long_sizes[k:])])
@@ -795,9 +794,7 @@ def _overlapped_pieces_step(kernel, flat: Tensor, grad: Tensor, exp_avg: Tensor,
 
     # 3. the other pieces from the reduced products; z's all-reduce starts, with the guards of the whole matrices
     pending.wait()
-    b_w, b_u = b[:hl], b[hl:]
-    c_w = kernel.segments_unit_scaled_(b_w, plan.long_sizes[:k])
-    norm_u = kernel.segments_norm(b_u, plan.long_sizes[k:])
+    b_w, b_u, c_w, norm_u = _pass2_inputs(kernel, plan, b, k)
     z[-1] = 0.0
     fresh = kernel.pieces_pass2_of(flat, buffer, *pieces, b_w, b_u, x_w, kept, z, False, rest)
     owned = plan.whole_matrices
@@ -888,6 +885,13 @@ def _fused_shards_step(
     return ratio, sigma_w, sigma_u
 
 
+def _pass2_inputs(kernel, plan: _PiecesPlan, b: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pass 2's inputs from the long products b = [b_W | b_U] of ``k`` matrices: y_W = c b_W / ‖b_W‖ (in place) with
+    the guards c, and b_U as it is with ‖b_U‖ (U's z is B_Uᵀ b_U, unnormalised: σ_U = ‖z_U‖ / ‖b_U‖)."""
+    b_w, b_u = b[: plan.long_sizes_total // 2], b[plan.long_sizes_total // 2 :]
+    return b_w, b_u, kernel.segments_unit_scaled_(b_w, plan.long_sizes[:k]), kernel.segments_norm(b_u, plan.long_sizes[k:])
+
+
 class _Passes(NamedTuple):
     """The first two passes of the pieces kernel on one layout: ``pass1(x_w, x_u, kept) -> (b, z)`` and
     ``pass2(y_w, y_u, x_w, kept, z, full) -> fresh``."""
@@ -911,9 +915,7 @@ def _power_step(kernel, passes: _Passes, plan: _PiecesPlan, w_vecs: list[Tensor]
     b, z = passes.pass1(x_w, x_u, kept)
     local_bw = b[:half_long].clone() if kept.numel() != half_long else None  # this rank's own, for a repeat
     reduce_(b, group)
-    b_w, b_u = b[:half_long], b[half_long:]
-    c_w = kernel.segments_unit_scaled_(b_w, plan.long_sizes[:k])
-    norm_u = kernel.segments_norm(b_u, plan.long_sizes[k:])  # U's z is B_Uᵀ b_U, unnormalised: σ_U = ‖z_U‖ / ‖b_U‖
+    b_w, b_u, c_w, norm_u = _pass2_inputs(kernel, plan, b, k)
 
     # pass 2: B_Wᵀ y_W, the B_Uᵀ b_U pass 1 left (wide or split pieces), and whether the kept B_W x_W is still that of
     # the weights and x_W; all-reduce
@@ -984,11 +986,11 @@ class _PiecesPlan:
         self.short_sizes = [min(m, n) for m, n in dims] * 2
         self.long_sizes = [max(m, n) for m, n in dims] * 2
         self.short_sizes_total, self.long_sizes_total = sum(self.short_sizes), sum(self.long_sizes)
-        # the matrices this rank holds whole (a 0/1 per piece for the kernel; as masks of the vectors' elements: the
-        # short side [W | U] with pass 2's flag after it, and the long side of W)
+        # the matrices this rank holds whole and the others (a 0/1 per piece for the kernel); the whole ones as masks
+        # of the vectors' elements: the short side [W | U] with pass 2's flag after it, and the long side of W
         self.whole = [int(part.layout.start == 0 and part.layout.numel == m * n > 0) for part, (m, n) in zip(parts, dims)]
+        self.rest = [1 - w for w in self.whole]
         self.whole_matrices = torch.tensor(self.whole, dtype=torch.bool)
-        self.whole_mask = self.whole_matrices
         self.whole_short = self.segment_mask(self.whole_matrices, both=True)
         self.whole_short_with_flag = torch.cat([self.whole_short, torch.zeros(1, dtype=torch.bool)])
         k = len(parts)

@@ -89,15 +89,7 @@ def collective_device(t: Tensor, group: Any) -> torch.device:
 
 def all_reduce_(t: Tensor, group: Any, op: Any = None) -> None:
     """``dist.all_reduce`` of ``t`` in place (sum unless ``op``), on a device the group's backend takes."""
-    COMM_STATS.add(t)
-    op = dist.ReduceOp.SUM if op is None else op
-    device = collective_device(t, group)
-    if device == t.device:
-        KEPT_WORK.wait(dist.all_reduce(t, op=op, group=group, async_op=True))
-        return
-    moved = t.to(device)
-    KEPT_WORK.wait(dist.all_reduce(moved, op=op, group=group, async_op=True))
-    t.copy_(moved)
+    all_reduce_start(t, group, op).wait()
 
 
 class PendingReduce:

@@ -503,10 +503,11 @@ at::Tensor weyl_step(std::vector<at::Tensor> params, std::vector<at::Tensor> gra
 // The arithmetic per element is the whole-matrix kernel's. Each pass is one parallel region over tasks of about
 // kTaskElements elements (row ranges of the pieces, or stretches of the gaps), dealt to the threads in runs of
 // kDealTasks (row_tasks) and run in slots (for_task_slots); column sums are accumulated per slot and added in slot
-// order (deterministic for a given thread count). pieces_pass2_of and pieces_update_of take a 0/1 mask of the pieces
-// to run (a step on more than one rank runs the pieces it holds whole while an all-reduce is in flight, the others
-// after it): every task keeps its slot, so their results are those of the unmasked passes, bit for bit. (One region per pass, not per matrix: on a loaded machine every region waits for all its
-// threads.) all_finite reads a tensor once at memory speed: the non-finite check before a step.
+// order (deterministic for a given thread count). (One region per pass, not per matrix: on a loaded machine every
+// region waits for all its threads.) pieces_pass2_of and pieces_update_of take a 0/1 mask of the pieces to run (a
+// step on more than one rank runs the pieces it holds whole while an all-reduce is in flight, the others after it):
+// every task keeps its slot, so their results are those of the unmasked passes, bit for bit. all_finite reads a
+// tensor once at memory speed: the non-finite check before a step.
 
 namespace {
 
